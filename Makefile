@@ -1,0 +1,67 @@
+# tfcourse: every install step lives here, so that a fresh clone needs only `make book` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+VENDOR := _vendor
+VENDOR_STAMP := $(VENDOR)/.fetched
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+ASSIGNMENTS := $(notdir $(wildcard solutions/[0-9]*))
+# Front-end assets for an offline site, fetched from the npm registry at build time (exact versions).
+NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.8 @jupyter-widgets/html-manager@1.0.15
+export PYTHONHASHSEED := 0
+
+.PHONY: help install book test test-fast execute lab assignments clean
+
+help:
+	@echo "make book         build the site in _build/html (creates .venv on first use)"
+	@echo "make test         run the unit tests and nbval over every notebook"
+	@echo "make execute      re-execute every notebook in place, storing outputs"
+	@echo "make lab          open JupyterLab on the course"
+	@echo "make assignments  regenerate exercises/ (student versions) from solutions/"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+$(VENDOR_STAMP):
+	rm -rf $(VENDOR) && mkdir -p $(VENDOR)/.npm
+	cd $(VENDOR)/.npm && npm pack --silent $(NPM_PACKAGES) > /dev/null
+	cd $(VENDOR) && for f in .npm/*.tgz; do n=$$(basename $$f .tgz); mkdir -p $$n && tar -xzf $$f -C $$n --strip-components=1; done
+	rm -rf $(VENDOR)/.npm
+	touch $(VENDOR_STAMP)
+
+book: $(STAMP) $(VENDOR_STAMP)
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	$(BIN)/python book/check_site.py _build/html
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+execute: $(STAMP)
+	for nb in $(NOTEBOOKS); do \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
+	done
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=.
+
+# nbgrader runs the `alembic` executable found on PATH (for the gradebook schema), hence the PATH; the gradebook
+# is a throw-away one, removed before (a stale one from an interrupted run) and after.
+assignments: $(STAMP)
+	rm -f .gradebook-generate.db
+	for a in $(ASSIGNMENTS); do \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/nbgrader generate_assignment "$$a" --force \
+	    --CourseDirectory.db_url=sqlite:///$(CURDIR)/.gradebook-generate.db || exit 1; \
+	done
+	rm -f .gradebook-generate.db
+
+clean:
+	rm -rf _build $(VENDOR)

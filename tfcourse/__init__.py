@@ -1,8 +1,14 @@
 """tfcourse: reference PyTorch implementations for an executable course on attention and transformers.
 
-Each module mirrors a part of the book: :mod:`tfcourse.attention` (chapter 1 onwards),
-:mod:`tfcourse.device` (device, seeding and the ``TFCOURSE_SCALE`` knob) and :mod:`tfcourse.viz` (figures and
-widgets).
+Each module mirrors a part of the book:
+
+* :mod:`tfcourse.attention`: scoring functions, masked softmax, scaled dot-product, multi-head, cross and
+  grouped-query attention, the KV cache (chapters 1 and 3);
+* :mod:`tfcourse.positional`: sinusoidal, learned, relative (T5), rotary and ALiBi positions (chapter 4);
+* :mod:`tfcourse.models`: whole models, one file each (the seq2seq RNN with attention of chapter 2, ...);
+* :mod:`tfcourse.data`: data generated or read offline (the number-word translation task of chapter 2, ...);
+* :mod:`tfcourse.device` (device, seeding and the ``TFCOURSE_SCALE`` knob) and :mod:`tfcourse.viz` (figures and
+  widgets).
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
-"""Attention: scoring functions, the masked softmax and scaled dot-product attention.
+"""Attention: scoring functions, the masked softmax, scaled dot-product attention and multi-head attention.
 
-Chapter 1 of the book ("Attention as a soft dictionary lookup") builds everything here from scratch.
+Chapter 1 of the book ("Attention as a soft dictionary lookup") builds the scores, the masked softmax and scaled
+dot-product attention from scratch; chapter 3 ("Self-attention and multi-head attention") builds
+:class:`MultiHeadAttention` (with cross-attention, grouped-query and multi-query attention) and :class:`KVCache`.
 
 Notation (used in every docstring of this module):
 
@@ -9,9 +11,13 @@ Notation (used in every docstring of this module):
 * ``...`` any number of leading batch dimensions (for example ``(B, n_heads)``), which must be equal between
   arguments: nothing is broadcast silently.
 
-Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a **boolean** mask is ``True`` where a query
-**may attend** to a key; a **float** mask is **added** to the scores (``-inf`` blocks a key). A query that may attend
-to no key at all (a fully masked row) gets all-zero weights and an all-zero output, never NaN.
+Masks of the functions follow :func:`torch.nn.functional.scaled_dot_product_attention`: a **boolean** mask is
+``True`` where a query **may attend** to a key; a **float** mask is **added** to the scores (``-inf`` blocks a key). A
+query that may attend to no key at all (a fully masked row) gets all-zero weights and an all-zero output, never NaN.
+
+:class:`MultiHeadAttention` instead follows :class:`torch.nn.MultiheadAttention`, whose boolean masks mean the
+**opposite**: ``key_padding_mask`` is ``True`` at **padding** (ignored keys) and a boolean ``attn_mask`` is ``True``
+where a query may **not** attend. Each API keeps the convention its PyTorch counterpart's users know.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ __all__ = [
     "scaled_dot_product_attention",
     "causal_mask",
     "lengths_to_mask",
+    "split_heads",
+    "merge_heads",
+    "repeat_kv",
+    "MultiHeadAttention",
+    "KVCache",
+    "kv_cache_bytes",
 ]
 
 
@@ -41,20 +53,23 @@ __all__ = [
 # Masks
 # --------------------------------------------------------------------------------------------------------------
 
-def causal_mask(t_query: int, t_key: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean causal mask, ``True`` where query ``i`` may attend to key ``j``, that is ``j <= i``.
+def causal_mask(t_query: int, t_key: int | None = None, device: torch.device | str | None = None, *,
+                offset: int = 0) -> torch.Tensor:
+    """Boolean causal mask, ``True`` where query ``i`` may attend to key ``j``, that is ``j <= i + offset``.
 
     Args:
         t_query: number of queries ``Tq``.
         t_key: number of keys ``Tk`` (default ``Tq``). The mask is aligned top-left, as in
             :func:`torch.nn.functional.scaled_dot_product_attention` with ``is_causal=True``.
         device: where to create the mask.
+        offset: number of keys that come before the first query (for example tokens already in a
+            :class:`KVCache`): query ``i`` is token ``offset + i`` and may attend to keys ``j <= offset + i``.
 
     Returns:
-        ``(Tq, Tk)`` bool tensor, lower triangular.
+        ``(Tq, Tk)`` bool tensor, lower triangular (shifted right by ``offset``).
 
     Raises:
-        ValueError: if a length is not a positive integer.
+        ValueError: if a length is not a positive integer or ``offset`` is negative.
 
     Source: Vaswani et al. (2017), Sec. 3.2.3 (masking out "illegal connections" in the decoder).
     """
@@ -62,7 +77,9 @@ def causal_mask(t_query: int, t_key: int | None = None, device: torch.device | s
     for name, t in (("t_query", t_query), ("t_key", t_key)):
         if not isinstance(t, int) or t < 1:
             raise ValueError(f"{name} must be a positive int, got {t!r}")
-    return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril()
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -373,3 +390,363 @@ def scaled_dot_product_attention(
     attended = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     output = attended @ value  # (..., Tq, dv)
     return (output, weights) if return_weights else output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-head attention: heads, grouped-query attention and the KV cache (chapter 3)
+# --------------------------------------------------------------------------------------------------------------
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Split the features of a batch of sequences into heads: ``(B, T, n_heads * d_head) -> (B, n_heads, T, d_head)``.
+
+    Head ``i`` gets the features ``i * d_head`` to ``(i + 1) * d_head - 1``, the slice of the projection that
+    Vaswani et al. (2017), Sec. 3.2.2, write as :math:`W_i^Q`.
+
+    Raises:
+        ValueError: if ``x`` is not 3-D or its last dimension is not a multiple of ``n_heads``.
+    """
+    check_tensor("x", x, ndim=3, shape_hint="(B, T, n_heads * d_head)")
+    _check_sizes(n_heads=n_heads)
+    if x.shape[-1] % n_heads:
+        raise ValueError(f"x: the feature size {x.shape[-1]} is not a multiple of n_heads={n_heads}")
+    return x.unflatten(-1, (n_heads, x.shape[-1] // n_heads)).transpose(1, 2)  # (B, nh, T, hs)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the heads again: ``(B, n_heads, T, d_head) -> (B, T, n_heads * d_head)``, the inverse of
+    :func:`split_heads` (the "Concat" of Vaswani et al. (2017), Sec. 3.2.2).
+
+    Raises:
+        ValueError: if ``x`` is not 4-D.
+    """
+    check_tensor("x", x, ndim=4, shape_hint="(B, n_heads, T, d_head)")
+    return x.transpose(1, 2).flatten(2)  # (B, T, nh * hs)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Repeat each key/value head ``n_rep`` times for grouped-query attention:
+    ``(B, n_kv_heads, T, d_head) -> (B, n_kv_heads * n_rep, T, d_head)``.
+
+    Query head ``i`` is then paired with key/value head ``i // n_rep`` (consecutive query heads form a group), as in
+    :func:`torch.nn.functional.scaled_dot_product_attention` with ``enable_gqa=True`` and Hugging Face's Llama.
+
+    Raises:
+        ValueError: if ``x`` is not 4-D or ``n_rep`` is not a positive int.
+
+    Source: Ainslie et al. (2023), Sec. 2.2 (grouped-query attention).
+    """
+    check_tensor("x", x, ndim=4, shape_hint="(B, n_kv_heads, T, d_head)")
+    _check_sizes(n_rep=n_rep)
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, d_head: int, seq_len: int, batch_size: int = 1,
+                   bytes_per_element: int = 2) -> int:
+    """Bytes of the key/value cache of a decoder: ``2 * n_layers * n_kv_heads * d_head * seq_len * batch_size *
+    bytes_per_element`` (the 2 counts keys and values; ``bytes_per_element`` is 2 for float16/bfloat16, 4 for
+    float32).
+
+    Every layer keeps, for every cached token, one key and one value vector of size ``d_head`` per key/value head.
+    Multi-query (``n_kv_heads=1``) and grouped-query attention shrink the cache by ``n_heads / n_kv_heads``.
+
+    Raises:
+        ValueError: if an argument is not a positive int.
+
+    Source: Shazeer (2019), Sec. 3; Ainslie et al. (2023), Sec. 1.
+    """
+    _check_sizes(n_layers=n_layers, n_kv_heads=n_kv_heads, d_head=d_head, seq_len=seq_len, batch_size=batch_size,
+                 bytes_per_element=bytes_per_element)
+    return 2 * n_layers * n_kv_heads * d_head * seq_len * batch_size * bytes_per_element
+
+
+class KVCache:
+    """The keys and values one attention layer has already projected, kept for incremental (autoregressive) decoding.
+
+    A decoder writes one token at a time. Without a cache, every step would project the keys and values of all the
+    earlier tokens again; with it, a step projects only the new token's, appends them here, and attends over all.
+    Pass the same cache to successive calls of :meth:`MultiHeadAttention.forward` (``kv_cache=cache``); use one
+    cache per layer and per batch of sequences.
+
+    Attributes:
+        key, value: ``(B, n_kv_heads, T_cached, d_head)`` tensors, or ``None`` while the cache is empty.
+
+    ``len(cache)`` is ``T_cached``; :attr:`nbytes` is the memory the cache holds, ``2 * B * n_kv_heads *
+    T_cached * d_head * element_size`` (compare :func:`kv_cache_bytes`). This teaching version grows by
+    concatenation; production code preallocates the maximum length.
+    """
+
+    def __init__(self) -> None:
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else self.key.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        if self.key is None:
+            return 0
+        return self.key.numel() * self.key.element_size() + self.value.numel() * self.value.element_size()
+
+    def reset(self) -> None:
+        """Empty the cache (before decoding a new batch)."""
+        self.key = self.value = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys and values ``(B, n_kv_heads, T_new, d_head)`` and return all of them
+        ``(B, n_kv_heads, T_cached + T_new, d_head)``.
+
+        Raises:
+            ValueError: if the shapes or dtypes differ from each other or from what the cache holds.
+        """
+        check_tensor("key", key, ndim=4, shape_hint="(B, n_kv_heads, T_new, d_head)")
+        check_tensor("value", value, ndim=4, shape_hint="(B, n_kv_heads, T_new, d_head)")
+        check_floating("value", value, like=key, like_name="key")
+        check_same("value", value.shape[:-1], key.shape[:-1], "the shape but for the last dimension (key's)")
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            check_floating("key", key, like=self.key, like_name="the cached keys")
+            check_same("key", (key.shape[0], key.shape[1], key.shape[3]),
+                       (self.key.shape[0], self.key.shape[1], self.key.shape[3]),
+                       "(B, n_kv_heads, d_head) (the cached keys')")
+            check_same("value", value.shape[-1:], self.value.shape[-1:], "d_head (the cached values')")
+            self.key = torch.cat([self.key, key], dim=-2)
+            self.value = torch.cat([self.value, value], dim=-2)
+        return self.key, self.value
+
+    def __repr__(self) -> str:
+        shape = None if self.key is None else tuple(self.key.shape)
+        return f"KVCache(key shape {shape}, {self.nbytes} bytes)"
+
+
+class MultiHeadAttention(nn.Module):
+    r"""Multi-head attention, batch-first, with cross-attention (``kdim``, ``vdim``), grouped-query and multi-query
+    attention (``n_kv_heads``) and an optional :class:`KVCache`.
+
+    .. math:: \mathrm{MultiHead}(Q, K, V) = \mathrm{Concat}(\mathrm{head}_1, \dots, \mathrm{head}_h)\, W^O, \qquad
+              \mathrm{head}_i = \mathrm{Attention}(Q W_i^Q, K W_i^K, V W_i^V)
+
+    with :math:`d_\text{head} = d_\text{model} / h` and ``Attention`` the scaled dot-product attention of
+    :func:`scaled_dot_product_attention`. The per-head matrices :math:`W_i^Q` are the column blocks of one
+    ``(d_model, d_model)`` projection ``W_q``, so the layer holds :math:`4 d_\text{model}^2 + 4 d_\text{model}`
+    parameters whatever ``n_heads`` is (``kdim = vdim = d_model``, ``n_kv_heads = n_heads``, with biases).
+
+    Args:
+        d_model: feature size of the queries and of the output.
+        n_heads: number of (query) heads ``h``; must divide ``d_model``.
+        dropout: dropout probability on the attention weights, in training mode only.
+        bias: whether the four projections have biases.
+        kdim, vdim: feature sizes of the ``key`` and ``value`` inputs (default ``d_model``), for cross-attention to
+            a memory of another width. Queries and keys are projected to the same size, so any ``kdim`` works.
+        n_kv_heads: number of key/value heads: ``n_heads`` (default, standard multi-head attention), ``1``
+            (multi-query attention, Shazeer 2019) or a divisor of ``n_heads`` (grouped-query attention, Ainslie et
+            al. 2023): query head ``i`` shares key/value head ``i // (n_heads // n_kv_heads)``.
+
+    Parameters: ``W_q`` (``d_model -> d_model``), ``W_k`` (``kdim -> n_kv_heads * d_head``), ``W_v``
+    (``vdim -> n_kv_heads * d_head``), ``W_o`` (``d_model -> d_model``), all :class:`torch.nn.Linear`.
+
+    ``forward(query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, need_weights=False,
+    average_attn_weights=True, kv_cache=None) -> (output, weights or None)``:
+
+    * ``query`` ``(B, Tq, d_model)``, ``key`` ``(B, Tk, kdim)``, ``value`` ``(B, Tk, vdim)``, floating, with the
+      module's dtype. For self-attention pass the same tensor three times.
+    * ``key_padding_mask``: ``(B, Tk)``. **bool: ``True`` marks padding, a key to ignore**, as in
+      :class:`torch.nn.MultiheadAttention` (the **opposite** of :func:`lengths_to_mask`: pass
+      ``~lengths_to_mask(lengths)``); float: added to the scores.
+    * ``attn_mask``: ``(Tq, Tk)``, ``(B * n_heads, Tq, Tk)`` (PyTorch's layout, batch-major) or
+      ``(B or 1, n_heads or 1, Tq, Tk)``. **bool: ``True`` = may NOT attend**, as in
+      :class:`torch.nn.MultiheadAttention`, and the **opposite** of the bool ``attn_mask`` of
+      :func:`scaled_dot_product_attention` and of PyTorch's ``F.scaled_dot_product_attention`` (``True`` = may
+      attend); float: added to the scores (``-inf`` blocks).
+    * ``is_causal``: query ``i`` may attend to key ``j`` only if ``j <= i + T_cached`` (top-left aligned without a
+      cache, as in :func:`causal_mask`). Combined with ``attn_mask`` and ``key_padding_mask`` when those are given.
+    * ``need_weights``: also return the attention weights, **averaged over the heads** ``(B, Tq, Tk)`` as PyTorch
+      does, or per head ``(B, n_heads, Tq, Tk)`` when ``average_attn_weights=False``.
+    * ``kv_cache``: a :class:`KVCache`; ``key`` and ``value`` are then the new tokens only, their projections are
+      appended to the cache, and the queries attend over everything cached. Masks then refer to the total length
+      ``Tk = T_cached + T_new``.
+    * ``output`` is ``(B, Tq, d_model)``. A query that may attend to no key (for example in a fully padded
+      sequence) gets zero weights, so its output is ``W_o``'s bias: never NaN.
+
+    Differences from :class:`torch.nn.MultiheadAttention`: always batch-first and batched (3-D inputs);
+    ``need_weights`` defaults to ``False`` (PyTorch: ``True``); ``is_causal=True`` builds the causal mask (PyTorch
+    treats it only as a hint that ``attn_mask`` is causal and requires ``attn_mask``); the returned weights are
+    those *before* dropout (PyTorch returns them after); a fully masked query gives zeros, where PyTorch gives NaN
+    when ``need_weights=True`` or on its inference fast path; separate ``W_q, W_k, W_v`` (PyTorch packs them into
+    ``in_proj_weight`` when ``kdim = vdim = d_model``); no ``add_bias_kv`` or ``add_zero_attn``; ``n_kv_heads`` and
+    ``kv_cache`` have no PyTorch counterpart. :meth:`from_torch` copies the weights of a PyTorch module.
+
+    Raises:
+        ValueError: at construction, for non-positive sizes, ``d_model % n_heads != 0``,
+            ``n_heads % n_kv_heads != 0`` or ``dropout`` outside ``[0, 1]``; in ``forward`` (including
+            :class:`~tfcourse._checks.DtypeError`, also a ``TypeError``), for inputs or masks of the wrong shape
+            or dtype, naming the argument.
+        TypeError: if an input is not a tensor.
+
+    Source: Vaswani et al. (2017), Sec. 3.2.2 (multi-head attention) and 3.2.3 (its three uses: encoder
+    self-attention, masked decoder self-attention, encoder-decoder cross-attention); Shazeer (2019) (multi-query);
+    Ainslie et al. (2023) (grouped-query).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, kdim: int | None = None,
+                 vdim: int | None = None, n_kv_heads: int | None = None):
+        super().__init__()
+        kdim = d_model if kdim is None else kdim
+        vdim = d_model if vdim is None else vdim
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        _check_sizes(d_model=d_model, n_heads=n_heads, kdim=kdim, vdim=vdim, n_kv_heads=n_kv_heads)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads} (d_head = d_model / n_heads)")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be divisible by n_kv_heads={n_kv_heads} (each key/value head "
+                             f"serves a group of n_heads / n_kv_heads query heads)")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.d_head = d_model // n_heads
+        self.kdim, self.vdim, self.dropout = kdim, vdim, dropout
+        self.W_q = nn.Linear(d_model, d_model, bias=bias)
+        self.W_k = nn.Linear(kdim, n_kv_heads * self.d_head, bias=bias)
+        self.W_v = nn.Linear(vdim, n_kv_heads * self.d_head, bias=bias)
+        self.W_o = nn.Linear(d_model, d_model, bias=bias)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # As torch.nn.MultiheadAttention: Xavier-uniform input projections, the output projection's default
+        # initialisation, zero biases.
+        for linear in (self.W_q, self.W_k, self.W_v):
+            nn.init.xavier_uniform_(linear.weight)
+        for linear in (self.W_q, self.W_k, self.W_v, self.W_o):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """A :class:`MultiHeadAttention` with the weights (copies), dtype, device, dropout and training mode of
+        a :class:`torch.nn.MultiheadAttention`.
+
+        ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` when ``kdim`` or ``vdim``
+        differs from ``embed_dim``) and ``in_proj_bias`` are split into ``W_q, W_k, W_v``; ``out_proj`` becomes
+        ``W_o``. The result is batch-first whatever ``module.batch_first`` is (the weights do not depend on it).
+
+        Raises:
+            TypeError: if ``module`` is not a :class:`torch.nn.MultiheadAttention`.
+            ValueError: if it uses ``add_bias_kv`` or ``add_zero_attn``, which this class does not implement.
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.bias_v is not None:
+            raise ValueError("module: add_bias_kv=True is not supported by MultiHeadAttention")
+        if module.add_zero_attn:
+            raise ValueError("module: add_zero_attn=True is not supported by MultiHeadAttention")
+        if module._qkv_same_embed_dim:
+            w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+        has_bias = module.in_proj_bias is not None
+        ours = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=has_bias, kdim=module.kdim,
+                   vdim=module.vdim).to(device=w_q.device, dtype=w_q.dtype)
+        with torch.no_grad():
+            for linear, weight in ((ours.W_q, w_q), (ours.W_k, w_k), (ours.W_v, w_v),
+                                   (ours.W_o, module.out_proj.weight)):
+                linear.weight.copy_(weight)
+            if has_bias:
+                for linear, b in zip((ours.W_q, ours.W_k, ours.W_v), module.in_proj_bias.chunk(3)):
+                    linear.bias.copy_(b)
+                ours.W_o.bias.copy_(module.out_proj.bias)
+        return ours.train(module.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, need_weights: bool = False, average_attn_weights: bool = True,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._check_inputs(query, key, value)
+        B, Tq, _ = query.shape
+        q = split_heads(self.W_q(query), self.n_heads)      # (B, nh, Tq, hs)
+        k = split_heads(self.W_k(key), self.n_kv_heads)     # (B, n_kv, Tk, hs)
+        v = split_heads(self.W_v(value), self.n_kv_heads)   # (B, n_kv, Tk, hs)
+        n_cached = 0
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+            n_cached = len(kv_cache)
+            k, v = kv_cache.update(k, v)                     # (B, n_kv, T_cached + Tk, hs)
+        Tk = k.shape[-2]
+        mask = self._merge_masks(key_padding_mask, attn_mask, is_causal, B, Tq, Tk, n_cached, query)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)     # (B, nh, Tk, hs): query head i uses kv head i // n_rep
+        out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                    dropout_p=self.dropout if self.training else 0.0,
+                                                    return_weights=True)  # (B, nh, Tq, hs), (B, nh, Tq, Tk)
+        out = self.W_o(merge_heads(out))                     # (B, Tq, d_model)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        check_tensor("query", query, ndim=3, shape_hint="(B, Tq, d_model)")
+        check_tensor("key", key, ndim=3, shape_hint="(B, Tk, kdim)")
+        check_tensor("value", value, ndim=3, shape_hint="(B, Tk, vdim)")
+        check_floating("query", query, like=self.W_q.weight, like_name="the module's parameters")
+        check_floating("key", key, like=query, like_name="query")
+        check_floating("value", value, like=query, like_name="query")
+        _check_last_dim("query", query, self.d_model, "d_model")
+        _check_last_dim("key", key, self.kdim, "kdim")
+        _check_last_dim("value", value, self.vdim, "vdim")
+        check_same("key", key.shape[:1], query.shape[:1], "the batch size B (query's)")
+        check_same("value", value.shape[:2], key.shape[:2], "(B, Tk) (key's)")
+
+    def _merge_masks(self, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, is_causal: bool,
+                     B: int, Tq: int, Tk: int, n_cached: int, query: torch.Tensor) -> torch.Tensor | None:
+        """One mask for :func:`scaled_dot_product_attention`, broadcastable to ``(B, n_heads, Tq, Tk)``: bool with
+        ``True`` = may attend (that function's convention), or float (added) if a float mask was given."""
+        H = self.n_heads
+        allowed: torch.Tensor | None = None   # bool, True = may attend
+        added: torch.Tensor | None = None     # float, added to the scores
+
+        def combine(mask: torch.Tensor, name: str) -> None:
+            nonlocal allowed, added
+            if mask.dtype == torch.bool:
+                allowed = ~mask if allowed is None else allowed & ~mask  # PyTorch MHA: True = blocked
+            else:
+                check_floating(name, mask, like=query, like_name="query (or use a bool mask)")
+                added = mask if added is None else added + mask
+
+        if key_padding_mask is not None:
+            check_tensor("key_padding_mask", key_padding_mask, ndim=2, shape_hint="(B, Tk), True = padding")
+            check_same("key_padding_mask", key_padding_mask.shape, (B, Tk), "the shape (B, Tk)")
+            combine(key_padding_mask[:, None, None, :], "key_padding_mask")  # (B, 1, 1, Tk)
+        if attn_mask is not None:
+            check_tensor("attn_mask", attn_mask)
+            hint = "(Tq, Tk), (B * n_heads, Tq, Tk) or (B or 1, n_heads or 1, Tq, Tk); bool True = may NOT attend"
+            if attn_mask.dim() == 2:
+                check_same("attn_mask", attn_mask.shape, (Tq, Tk), f"the shape (Tq, Tk) [{hint}]")
+            elif attn_mask.dim() == 3:
+                check_same("attn_mask", attn_mask.shape, (B * H, Tq, Tk), f"the shape (B * n_heads, Tq, Tk) [{hint}]")
+                attn_mask = attn_mask.view(B, H, Tq, Tk)
+            elif attn_mask.dim() == 4:
+                ok = attn_mask.shape[0] in (1, B) and attn_mask.shape[1] in (1, H) and attn_mask.shape[2:] == (Tq, Tk)
+                if not ok:
+                    raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not fit B={B}, "
+                                     f"n_heads={H}, Tq={Tq}, Tk={Tk} [{hint}]")
+            else:
+                raise ValueError(f"attn_mask must have 2, 3 or 4 dimensions [{hint}], got {tuple(attn_mask.shape)}")
+            combine(attn_mask, "attn_mask")
+        if is_causal:
+            causal = causal_mask(Tq, Tk, device=query.device, offset=n_cached)  # (Tq, Tk), True = may attend
+            allowed = causal if allowed is None else allowed & causal
+        if added is None:
+            return allowed
+        if allowed is None:
+            return added
+        return torch.where(allowed, added, torch.full((), float("-inf"), dtype=added.dtype, device=added.device))
+
+    def extra_repr(self) -> str:
+        extra = f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}"
+        if self.n_kv_heads != self.n_heads:
+            extra += f", n_kv_heads={self.n_kv_heads}"
+        if (self.kdim, self.vdim) != (self.d_model, self.d_model):
+            extra += f", kdim={self.kdim}, vdim={self.vdim}"
+        return extra + (f", dropout={self.dropout}" if self.dropout else "")

@@ -80,10 +80,14 @@ def temperature_figure(scores: torch.Tensor | np.ndarray, temperatures: Sequence
     if any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
     labels = list(labels) if labels is not None else [f"k{j}" for j in range(len(s))]
-    fig, axes = plt.subplots(1, len(temperatures), figsize=(3.2 * len(temperatures), 2.8), sharey=True)
-    for ax, t in zip(np.atleast_1d(axes), temperatures):
+    n_cols = min(2, len(temperatures))
+    n_rows = -(-len(temperatures) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5.5 * n_cols, 2.8 * n_rows), sharey=True, squeeze=False)
+    for ax, t in zip(axes.flat, temperatures):
         _draw_temperature(ax, s, t, labels)
-        ax.title.set_fontsize(8)
+        ax.title.set_fontsize(10)
+    for ax in axes.flat[len(temperatures):]:
+        ax.set_visible(False)
     fig.tight_layout()
     return fig
 

@@ -5,6 +5,7 @@ Each module mirrors a part of the book:
 * :mod:`tfcourse.attention`: scoring functions, masked softmax, scaled dot-product, multi-head, cross and
   grouped-query attention, the KV cache (chapters 1 and 3);
 * :mod:`tfcourse.positional`: sinusoidal, learned, relative (T5), rotary and ALiBi positions (chapter 4);
+* :mod:`tfcourse.layers`: feed-forward and GLU networks, RMSNorm, encoder and decoder layers (chapter 5);
 * :mod:`tfcourse.models`: whole models, one file each (the seq2seq RNN with attention of chapter 2, ...);
 * :mod:`tfcourse.data`: data generated or read offline (the number-word translation task of chapter 2, ...);
 * :mod:`tfcourse.device` (device, seeding and the ``TFCOURSE_SCALE`` knob) and :mod:`tfcourse.viz` (figures and

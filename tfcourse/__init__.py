@@ -6,7 +6,10 @@ Each module mirrors a part of the book:
   grouped-query attention, the KV cache (chapters 1 and 3);
 * :mod:`tfcourse.positional`: sinusoidal, learned, relative (T5), rotary and ALiBi positions (chapter 4);
 * :mod:`tfcourse.layers`: feed-forward and GLU networks, RMSNorm, encoder and decoder layers (chapter 5);
-* :mod:`tfcourse.models`: whole models, one file each (the seq2seq RNN with attention of chapter 2, ...);
+* :mod:`tfcourse.training` (losses, schedules, parameter groups, the training loop with checkpoints) and
+  :mod:`tfcourse.decoding` (greedy and beam search) (chapter 6 onwards);
+* :mod:`tfcourse.models`: whole models, one file each (the seq2seq RNN with attention of chapter 2, the
+  Transformer of chapter 6, ...);
 * :mod:`tfcourse.data`: data generated or read offline (the number-word translation task of chapter 2, ...);
 * :mod:`tfcourse.device` (device, seeding and the ``TFCOURSE_SCALE`` knob) and :mod:`tfcourse.viz` (figures and
   widgets).

@@ -2,8 +2,11 @@
 
 * :mod:`tfcourse.models.seq2seq`: the GRU encoder-decoder, without attention or with Bahdanau or Luong attention
   (chapter 2), with greedy decoding, training and evaluation helpers.
+* :mod:`tfcourse.models.transformer`: the encoder-decoder Transformer, equal to :class:`torch.nn.Transformer`, and
+  a translation model around it (chapter 6).
 """
 
 from .seq2seq import ATTENTION_KINDS, Seq2Seq, Seq2SeqConfig
+from .transformer import Transformer, TranslationTransformer
 
-__all__ = ["ATTENTION_KINDS", "Seq2Seq", "Seq2SeqConfig"]
+__all__ = ["ATTENTION_KINDS", "Seq2Seq", "Seq2SeqConfig", "Transformer", "TranslationTransformer"]

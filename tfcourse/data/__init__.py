@@ -65,3 +65,15 @@ __all__ += [
     "random_batches",
     "token_batches",
 ]
+
+from .mlm import (  # noqa: E402  (chapter 8)
+    BERTBatch,
+    MaskedTokens,
+    NSPPair,
+    encode_batch,
+    mask_tokens,
+    nsp_pairs,
+    pack_batch,
+)
+
+__all__ += ["BERTBatch", "MaskedTokens", "NSPPair", "encode_batch", "mask_tokens", "nsp_pairs", "pack_batch"]

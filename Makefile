@@ -8,18 +8,29 @@ VENDOR := _vendor
 VENDOR_STAMP := $(VENDOR)/.fetched
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 ASSIGNMENTS := $(notdir $(wildcard solutions/[0-9]*))
+# The built site, and what it is built from: `make test` rebuilds it (for the browser tests) only when one of these
+# is newer than the last build.
+BOOK_STAMP := _build/html/.tfcourse-built
+BOOK_SOURCES := _config.yml _toc.yml $(wildcard book/*.md book/*.bib book/_ext/*.py book/_static/*) $(NOTEBOOKS) \
+  $(wildcard exercises/*/*.ipynb solutions/*/*.ipynb)
+# Where `make grade` writes grades, feedback and its nbgrader course directory.
+GRADED ?= graded
+# JupyterLab refuses to run as root unless told so (containers, CI).
+ROOT_FLAG = $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 # Front-end assets for an offline site, fetched from the npm registry at build time (exact versions).
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.8 @jupyter-widgets/html-manager@1.0.15
 export PYTHONHASHSEED := 0
 
-.PHONY: help install book test test-fast execute lab assignments clean
+.PHONY: help install book test test-fast execute lab assignments grade chromium clean
 
 help:
 	@echo "make book         build the site in _build/html (creates .venv on first use)"
-	@echo "make test         run the unit tests and nbval over every notebook"
+	@echo "make test         run the unit tests, nbval over every notebook, and the browser tests of the site and lab"
 	@echo "make execute      re-execute every notebook in place, storing outputs"
 	@echo "make lab          open JupyterLab on the course"
 	@echo "make assignments  regenerate exercises/ (student versions) from solutions/"
+	@echo "make grade SUBMISSIONS=<folder> [GRADED=<folder>]"
+	@echo "                  autograde <folder>/<student>/<assignment>/<assignment>.ipynb: grades.csv, feedback"
 
 install: $(STAMP)
 
@@ -42,11 +53,33 @@ $(VENDOR_STAMP):
 	rm -rf $(VENDOR)/.npm
 	touch $(VENDOR_STAMP)
 
-book: $(STAMP) $(VENDOR_STAMP)
+define BUILD_BOOK
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	$(BIN)/python book/check_site.py _build/html
+	touch $(BOOK_STAMP)
+endef
 
-test: $(STAMP)
+book: $(STAMP) $(VENDOR_STAMP)
+	$(BUILD_BOOK)
+
+$(BOOK_STAMP): $(STAMP) $(VENDOR_STAMP) $(BOOK_SOURCES)
+	$(BUILD_BOOK)
+
+# Headless Chromium for the browser tests, from Debian's packages (Playwright's own browser download is not used).
+# Installed when missing and possible (root with apt-get); otherwise the browser tests skip, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+	      || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } \
+	      || echo "could not install chromium: the browser tests will be skipped"; \
+	  else \
+	    echo "chromium is not installed (as root with apt-get, make installs it): the browser tests will be skipped"; \
+	  fi; }
+
+# The browser tests (tests/test_site_browser.py) need the built site: it is (re)built first when stale.
+test: $(STAMP) $(BOOK_STAMP) chromium
 	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 execute: $(STAMP)
@@ -55,7 +88,7 @@ execute: $(STAMP)
 	done
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG)
 
 # nbgrader runs the `alembic` executable found on PATH (for the gradebook schema), hence the PATH; the gradebook
 # is a throw-away one, removed before (a stale one from an interrupted run) and after.
@@ -66,6 +99,13 @@ assignments: $(STAMP)
 	    --CourseDirectory.db_url=sqlite:///$(CURDIR)/.gradebook-generate.db || exit 1; \
 	done
 	rm -f .gradebook-generate.db
+
+# Autograde a folder of submissions laid out as nbgrader's submitted/ (<student>/<assignment>/<assignment>.ipynb)
+# with nbgrader (tfcourse/grading.py): $(GRADED)/grades.csv, $(GRADED)/report.csv, $(GRADED)/feedback/.
+# A submission that raises, loops, lost its test cells, is not a notebook or is missing is graded or reported.
+grade: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=<folder> [GRADED=<folder>]"; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tfcourse.grading "$(SUBMISSIONS)" --out "$(GRADED)"
 
 clean:
 	rm -rf _build $(VENDOR)

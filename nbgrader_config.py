@@ -49,6 +49,9 @@ c.Execute.timeout = 60
 c.Execute.interrupt_on_timeout = True
 # Kernel start (importing torch) on a loaded grading machine.
 c.Execute.startup_timeout = 120
+# A graded cell (a test) that a student deleted is put back from the gradebook and run, so that deleting a test
+# earns nothing (nbgrader's default leaves it out). Edited test cells are always replaced by the source's.
+c.OverwriteCells.add_missing_cells = True
 
 # What students see in place of a solution region.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}

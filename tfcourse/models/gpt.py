@@ -42,7 +42,7 @@ from ..positional import LearnedPositionalEmbedding
 if TYPE_CHECKING:  # transformers is imported only by GPT.from_hf
     from transformers import GPT2LMHeadModel
 
-__all__ = ["GPTConfig", "prefix_lm_mask", "MLP", "Block", "GPT"]
+__all__ = ["GPTConfig", "prefix_lm_mask", "lm_loss", "MLP", "Block", "GPT"]
 
 #: The activations of :class:`MLP`: GPT-2's tanh approximation of the GELU (Hugging Face's ``"gelu_new"``), the
 #: exact GELU and ReLU.
@@ -53,6 +53,20 @@ _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "g
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, in nats per counted token, of ``logits`` ``(B, T, V)`` for the next tokens ``targets``
+    ``(B, T)`` int64 (``-100`` marks a position not to count): the loss of :meth:`GPT.forward`.
+
+    Raises:
+        ValueError: if ``targets`` is not 2-D or its shape is not ``(B, T)``; TypeError if it is not a tensor.
+    """
+    B, T = logits.shape[:2]
+    check_tensor("targets", targets, ndim=2, shape_hint="(B, T)")
+    if tuple(targets.shape) != (B, T):
+        raise ValueError(f"targets must have the shape of idx, {(B, T)}, got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -365,13 +379,7 @@ class GPT(nn.Module):
         for block, cache in zip(self.h, kv_caches if kv_caches is not None else [None] * len(self.h)):
             x = block(x, attn_mask=mask, kv_cache=cache)                    # (B, T, C)
         logits = self.lm_head(self.ln_f(x))                                  # (B, T, V)
-        loss = None
-        if targets is not None:
-            check_tensor("targets", targets, ndim=2, shape_hint="(B, T)")
-            if tuple(targets.shape) != (B, T):
-                raise ValueError(f"targets must have the shape of idx, {(B, T)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, None if targets is None else lm_loss(logits, targets)
 
     def _check_idx(self, idx: object) -> tuple[int, int]:
         check_tensor("idx", idx, ndim=2, shape_hint="(B, T) token ids")

@@ -38,6 +38,7 @@ from ..attention import KVCache, MultiHeadAttention
 from ..decoding import sample_next_token
 from ..layers import FeedForward
 from ..positional import LearnedPositionalEmbedding
+from ..scaling import count_params
 
 if TYPE_CHECKING:  # transformers is imported only by GPT.from_hf
     from transformers import GPT2LMHeadModel
@@ -153,22 +154,15 @@ class GPTConfig:
         :math:`2C^2 + 2C\,C_{kv}` attention weights, :math:`2CF` feed-forward weights, and with ``bias`` the
         biases :math:`2C + 2C_{kv} + F + C` and the two LayerNorm biases; two LayerNorm gains :math:`2C`. Then the
         final LayerNorm, the token embedding :math:`VC`, the positions ``block_size`` :math:`\cdot C`, and an
-        output layer :math:`VC` only if it is not tied. For GPT-2 small that is 124,439,808.
+        output layer :math:`VC` only if it is not tied. For GPT-2 small that is 124,439,808. The count by part is
+        :func:`tfcourse.scaling.count_params`.
 
         Args:
             non_embedding: leave out the token and position embeddings (the count of Kaplan et al. 2020, which
                 also leaves out a tied output layer, since it is the token embedding).
         """
-        C, F_, L, kv = self.n_embd, self.hidden, self.n_layer, self.kv_heads * self.d_head
-        norm = C * (2 if self.bias else 1)
-        attn = 2 * C * C + 2 * C * kv + ((2 * C + 2 * kv) if self.bias else 0)
-        mlp = 2 * C * F_ + ((F_ + C) if self.bias else 0)
-        total = L * (2 * norm + attn + mlp) + norm
-        if not non_embedding:
-            total += self.vocab_size * C + self.block_size * C
-        if not self.tie_weights:
-            total += self.vocab_size * C
-        return total
+        counts = count_params(self)
+        return counts.non_embedding if non_embedding else counts.total
 
 
 # --------------------------------------------------------------------------------------------------------------

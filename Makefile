@@ -20,8 +20,14 @@ ROOT_FLAG = $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 # Front-end assets for an offline site, fetched from the npm registry at build time (exact versions).
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.8 @jupyter-widgets/html-manager@1.0.15
 export PYTHONHASHSEED := 0
+# The same floating-point results on every x86-64 CPU with AVX2, so that the outputs stored in the notebooks (made
+# by `make execute`) are what nbval sees in `make test` on another machine: MKL's conditional numerical
+# reproducibility on its AVX2 code path, and ATen's and oneDNN's AVX2 kernels (without these, an AVX-512 machine
+# and another CPU round differently, and a minute of training drifts apart in the third decimal). Not applied to
+# `make bench`, which measures the machine as it is, nor to a learner's own JupyterLab.
+REPRO_ENV := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: help install book test test-fast execute lab assignments grade chromium clean
+.PHONY: help install book test test-fast execute lab assignments grade chromium bench clean
 
 help:
 	@echo "make book         build the site in _build/html (creates .venv on first use)"
@@ -29,6 +35,7 @@ help:
 	@echo "make execute      re-execute every notebook in place, storing outputs"
 	@echo "make lab          open JupyterLab on the course"
 	@echo "make assignments  regenerate exercises/ (student versions) from solutions/"
+	@echo "make bench        CPU benchmarks against peers and each chapter's time: benchmarks/results/<host-kind>.json"
 	@echo "make grade SUBMISSIONS=<folder> [GRADED=<folder>]"
 	@echo "                  autograde <folder>/<student>/<assignment>/<assignment>.ipynb: grades.csv, feedback"
 
@@ -80,11 +87,11 @@ chromium:
 
 # The browser tests (tests/test_site_browser.py) need the built site: it is (re)built first when stale.
 test: $(STAMP) $(BOOK_STAMP) chromium
-	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	$(REPRO_ENV) $(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 execute: $(STAMP)
 	for nb in $(NOTEBOOKS); do \
-	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
+	  $(REPRO_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
 	done
 
 lab: $(STAMP)
@@ -106,6 +113,13 @@ assignments: $(STAMP)
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=<folder> [GRADED=<folder>]"; exit 2; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tfcourse.grading "$(SUBMISSIONS)" --out "$(GRADED)"
+
+# Benchmarks (benchmarks/): side-by-side ratios against the peers, attention against sequence length, and each
+# chapter's time under nbval; written to benchmarks/results/. Not part of `make test` (timings are not tests).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cpu.py
+	$(BIN)/python benchmarks/attention_vs_length.py
+	$(REPRO_ENV) $(BIN)/python benchmarks/notebook_times.py
 
 clean:
 	rm -rf _build $(VENDOR)

@@ -1,4 +1,10 @@
-"""Figures and widgets used across the book: attention heatmaps and interactive explorers."""
+"""Figures and widgets used across the book: attention heatmaps and interactive explorers.
+
+* :func:`plot_attention`: one attention matrix; :func:`temperature_figure`, :func:`temperature_explorer`: the softmax
+  temperature (chapter 1).
+* :func:`plot_attention_heads`: every head of one layer; :func:`plot_head_scores`: one number per (layer, head);
+  :func:`attention_explorer`: layers, heads and attention rollout of a model, interactively (chapter 15).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["plot_attention", "temperature_figure", "temperature_explorer"]
+__all__ = ["plot_attention", "temperature_figure", "temperature_explorer", "plot_attention_heads", "plot_head_scores",
+           "attention_explorer"]
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -125,3 +132,171 @@ def _check_scores_1d(scores: torch.Tensor | np.ndarray) -> np.ndarray:
     if s.ndim != 1:
         raise ValueError(f"scores must be 1-D (Tk,), got shape {s.shape}")
     return s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention heads and layers (chapter 15, for every chapter that shows a model's attention)
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_tokens(tokens: Sequence[str], T: int, name: str = "tokens") -> list[str]:
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != T:
+        raise ValueError(f"{name} must hold one label per position ({T}), got {len(tokens)}")
+    return tokens
+
+
+def plot_attention_heads(weights: torch.Tensor | np.ndarray, tokens: Sequence[str], ncols: int = 4, *,
+                         title: str = "", cmap: str = "viridis", vmax: float | None = 1.0,
+                         panel_size: float = 2.6) -> plt.Figure:
+    """Static figure: the attention map of every head of one layer, one panel per head (queries down, keys across).
+
+    Args:
+        weights: ``(H, T, T)`` attention weights of one layer and one sequence.
+        tokens: the ``T`` token labels (keys on the bottom row of panels, queries on the left column).
+        ncols: panels per row.
+        title: the figure's title.
+        cmap, vmax: as :func:`plot_attention` (one colour scale for every panel, so that heads compare).
+
+    Returns:
+        The figure; panel ``h`` is titled ``"head h+1"``.
+
+    Raises:
+        ValueError: if ``weights`` is not ``(H, T, T)`` or ``tokens`` does not hold ``T`` labels.
+    """
+    w = _as_numpy(weights)
+    if w.ndim != 3 or w.shape[1] != w.shape[2]:
+        raise ValueError(f"weights must be (H, T, T), one layer of one sequence, got shape {w.shape}")
+    H, T, _ = w.shape
+    tokens = _check_tokens(tokens, T)
+    ncols = max(1, min(ncols, H))
+    nrows = -(-H // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.4), squeeze=False)
+    fontsize = 7 if T <= 16 else 5
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.set_visible(False)
+            continue
+        ax.imshow(w[h], cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
+        ax.grid(False)
+        ax.set_title(f"head {h + 1}", fontsize=9)
+        row, col = divmod(h, ncols)
+        last_row = h + ncols >= H
+        ax.set_xticks(range(T), tokens if last_row else [], rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(T), tokens if col == 0 else [], fontsize=fontsize)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_head_scores(scores: torch.Tensor | np.ndarray, ax: plt.Axes | None = None, *, title: str = "",
+                     fmt: str = ".2f", cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                     xlabel: str = "head", ylabel: str = "layer", colorbar_label: str = "") -> plt.Axes:
+    """A ``(L, H)`` table of one number per head (entropy, ablation drop, induction score ...) as an annotated
+    heatmap: layers down (layer 1 on top), heads across, both numbered from 1.
+
+    Args:
+        scores: ``(L, H)`` numbers.
+        ax: axes to draw on (a new figure if ``None``).
+        fmt: the format of the number written in each cell (``""``: none).
+        cmap, vmin, vmax: the colour scale (a sequential map readable in greyscale).
+        colorbar_label: the colour bar's label (``None``: no colour bar; ``""``: a colour bar without a label).
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: if ``scores`` is not 2-D.
+    """
+    s = _as_numpy(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be 2-D (L, H), got shape {s.shape}")
+    L, H = s.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.55 * H, 0.8 + 0.45 * L))
+    image = ax.imshow(s, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.grid(False)
+    lo, hi = image.get_clim()
+    if fmt:
+        for i in range(L):
+            for j in range(H):
+                shade = (s[i, j] - lo) / (hi - lo) if hi > lo else 0.0
+                ax.text(j, i, format(s[i, j], fmt), ha="center", va="center", fontsize=7,
+                        color="white" if shade < 0.55 else "black")
+    ax.set_xticks(range(H), [str(j + 1) for j in range(H)])
+    ax.set_yticks(range(L), [str(i + 1) for i in range(L)])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if colorbar_label is not None:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
+    return ax
+
+
+def _check_example(name: str, example: object) -> tuple[np.ndarray, list[str]]:
+    if not isinstance(example, tuple) or len(example) != 2:
+        raise ValueError(f"{name} must be a pair (weights (L, H, T, T), tokens), got {type(example).__name__}")
+    w = _as_numpy(example[0])
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"{name}: weights must be (L, H, T, T), got shape {w.shape}")
+    return w, _check_tokens(example[1], w.shape[-1], f"{name}: tokens")
+
+
+def attention_explorer(examples, *, cmap: str = "viridis"):
+    """An ipywidgets explorer of a model's attention: pick the sentence, the layer, the head (or the mean of the
+    heads) and the view: the raw weights of that layer, or the attention rollout up to it (Abnar and Zuidema 2020,
+    :func:`tfcourse.interpret.attention_rollout`, which combines the heads). The title gives the mean entropy of
+    the rows shown. Everything is drawn with matplotlib in the kernel: no JavaScript is fetched.
+
+    Args:
+        examples: a pair ``(weights (L, H, T, T), tokens)`` for one sentence, or a mapping ``{label: (weights,
+            tokens)}`` for several (the same ``L`` and ``H``; ``T`` may differ).
+
+    Returns:
+        An :func:`ipywidgets.interactive` widget (display it as the last expression of a cell): its controls are
+        ``sentence`` (for a mapping), ``layer``, ``head`` and ``view``.
+
+    Raises:
+        ValueError: for weights that are not ``(L, H, T, T)``, tokens of the wrong length, an empty mapping, or
+            sentences with different numbers of layers or heads.
+    """
+    import ipywidgets as widgets
+
+    from .interpret import attention_entropy, attention_rollout
+
+    if isinstance(examples, tuple):
+        items, several = {"": _check_example("examples", examples)}, False
+    else:
+        items = {str(k): _check_example(f"examples[{k!r}]", v) for k, v in dict(examples).items()}
+        several = True
+        if not items:
+            raise ValueError("examples must hold at least one sentence")
+    sizes = {w.shape[:2] for w, _ in items.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"every sentence must have the same (layers, heads), got {sorted(sizes)}")
+    L, H = next(iter(sizes))
+    head_options = ["mean of heads"] + [f"head {h + 1}" for h in range(H)]
+
+    def show(sentence: str, layer: int, head: str, view: str) -> None:
+        w, tokens = items[sentence]
+        if view == "rollout":
+            shown = attention_rollout(torch.from_numpy(w[:, None]).double())[layer - 1, 0].numpy()
+            what = f"rollout through layers 1-{layer} (all heads)"
+        elif head == "mean of heads":
+            shown, what = w[layer - 1].mean(axis=0), f"layer {layer}, mean of the {H} heads"
+        else:
+            h = head_options.index(head) - 1
+            shown, what = w[layer - 1, h], f"layer {layer}, head {h + 1}"
+        entropy = attention_entropy(torch.from_numpy(np.ascontiguousarray(shown)).double()).mean().item()
+        T = len(tokens)
+        fig, ax = plt.subplots(figsize=(1.5 + 0.36 * T, 1.2 + 0.32 * T))
+        plot_attention(shown, ax, x_labels=tokens, y_labels=tokens, cmap=cmap, vmax=1.0,
+                       title=f"{what}\nmean row entropy {entropy:.2f} nats (uniform: {np.log(T):.2f})")
+        ax.title.set_fontsize(9)
+        fig.tight_layout()
+        plt.show()
+
+    controls = {"sentence": widgets.Dropdown(options=list(items), description="sentence") if several
+                else widgets.fixed("")}
+    controls["layer"] = widgets.IntSlider(value=1, min=1, max=L, step=1, description="layer", continuous_update=False)
+    controls["head"] = widgets.Dropdown(options=head_options, value="mean of heads", description="head")
+    controls["view"] = widgets.ToggleButtons(options=["attention", "rollout"], value="attention", description="view")
+    return widgets.interactive(show, **controls)

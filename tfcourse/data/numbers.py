@@ -52,6 +52,7 @@ __all__ = [
     "segment_german",
     "tokenize",
     "detokenize",
+    "gold_alignment",
     "Vocab",
     "Seq2SeqBatch",
     "NumberTranslation",
@@ -291,6 +292,87 @@ def detokenize(tokens: Sequence[str], lang: str) -> str:
         glue = i == 0 or token in {"-", ","} or tokens[i - 1] == "-"
         out += token if glue else " " + token
     return out
+
+
+_ENGLISH_VALUES = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_ENGLISH_VALUES.update({w: 10 * k for k, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(),
+                                                         start=2)})
+_GERMAN_VALUES = {m: v for v, m in enumerate(GERMAN_MORPHEMES[:20])} | {"ein": 1}
+_GERMAN_VALUES.update({m: 10 * k for k, m in enumerate(GERMAN_MORPHEMES[20:28], start=2)})
+# Tokens with a counterpart in the other language: the numerals, the two multipliers, and the link between units and
+# tens (English "-", German "und"). English "and" and "," have none.
+_MULTIPLIERS = {"hundred": "hundred", "thousand": "thousand", "hundert": "hundred", "tausend": "thousand"}
+_LINKS = {"-", "und"}
+
+
+def _alignment_keys(tokens: Sequence[str], values: dict[str, int], lang: str) -> list[tuple | None]:
+    """A key per token that names its role in the number: (group, kind, value), ``None`` for a token with no
+    counterpart. ``group`` is 1 before "thousand" and 0 after it; a numeral directly before "hundred" is the
+    hundreds digit (kind "h"), any other numeral a unit, teen or ten (kind "n")."""
+    try:
+        thousand = next(i for i, t in enumerate(tokens) if _MULTIPLIERS.get(t) == "thousand")
+    except StopIteration:
+        thousand = len(tokens)
+    keys: list[tuple | None] = []
+    for i, token in enumerate(tokens):
+        group = 1 if i < thousand else 0
+        if token in values:
+            before_hundred = i + 1 < len(tokens) and _MULTIPLIERS.get(tokens[i + 1]) == "hundred"
+            keys.append((group, "h" if before_hundred else "n", values[token]))
+        elif token in _MULTIPLIERS:
+            keys.append((group if _MULTIPLIERS[token] == "hundred" else 0, _MULTIPLIERS[token], None))
+        elif token in _LINKS:
+            keys.append((group, "link", None))
+        elif lang == "en" and token in {"and", ","}:
+            keys.append(None)
+        else:
+            raise ValueError(f"cannot align the {lang} token {token!r}: not a number word of the task")
+    return keys
+
+
+def gold_alignment(source_tokens: Sequence[str], target_tokens: Sequence[str], lang: str = "de") -> list[int]:
+    """The gold word alignment of an English number and its German translation, derived from the grammar.
+
+    Each German morpheme is linked to the one English token that plays its role: the same numeral in the same
+    place (``drei`` of ``dreihundert`` to the ``three`` before ``hundred``; ``vier`` of ``vierundfünfzig`` to the
+    ``four`` after the hyphen), ``hundert`` and ``tausend`` to ``hundred`` and ``thousand``, and the ``und`` that
+    joins units and tens to the hyphen that joins them in English. English ``and`` and ``,`` have no counterpart.
+    The links cross wherever German says the units before the tens.
+
+    Args:
+        source_tokens: the English tokens (:func:`tokenize` with ``"en"``, without ``<eos>``).
+        target_tokens: the German tokens (morphemes, without ``<eos>``).
+        lang: the target language; only ``"de"`` is supported (French counts in twenties: ``quatre-vingt-dix``
+            has no word-by-word counterpart of ``ninety``).
+
+    Returns:
+        For each target token, the index of its source token: e.g. ``gold_alignment(["fifty", "-", "four"],
+        ["vier", "und", "fünfzig"]) == [2, 1, 0]``.
+
+    Raises:
+        ValueError: for another language, or tokens that are not a number of the task and its translation.
+    """
+    if lang != "de":
+        raise ValueError(f"lang: only 'de' has a word-by-word gold alignment here, got {lang!r}")
+    source = _alignment_keys(source_tokens, _ENGLISH_VALUES, "en")
+    target = _alignment_keys(target_tokens, _GERMAN_VALUES, "de")
+    where = {}
+    for j, key in enumerate(source):
+        if key is not None:
+            if key in where:
+                raise ValueError(f"cannot align {list(source_tokens)}: two tokens play the role {key}")
+            where[key] = j
+    links = []
+    for token, key in zip(target_tokens, target):
+        if key not in where:
+            raise ValueError(f"cannot align the German {token!r} of {list(target_tokens)} with "
+                             f"{list(source_tokens)}: no English token plays its role")
+        links.append(where[key])
+    if len(set(links)) != len(links) or len(links) != len(where):
+        raise ValueError(f"{list(target_tokens)} and {list(source_tokens)} are not a number and its translation")
+    return links
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""CPU benchmarks of the reference implementations against their peers (`make bench`).
+
+Writes the section ``"cpu"`` of ``benchmarks/results/<host-kind>.json``:
+
+* ``gpt_train_step``: one training step (forward, backward, AdamW) of our :class:`tfcourse.models.GPT` against
+  ``transformers.GPT2LMHeadModel`` with the same configuration and weights (n_layer 4, n_head 4, n_embd 128, block
+  128, vocabulary 65, batch 32): tokens per second of each and their ratio (target: ours >= 1.0x); the achieved
+  GFLOP/s (:func:`tfcourse.scaling.training_flops`) against the machine's measured float32 matrix-multiply rate.
+* ``generation``: 256 new tokens at batch 1 with and without the KV cache (target: the cache >= 5x).
+* ``multihead_attention``: forward and backward of our :class:`tfcourse.attention.MultiHeadAttention` against
+  ``torch.nn.MultiheadAttention`` (B 16, T 256, d_model 512, 8 heads; target: ours >= 0.9x).
+
+Every ratio is measured side by side (``benchmarks/common.py``) and summarised by its minimum, median and maximum.
+Usage: ``python benchmarks/bench_cpu.py [--quick]`` (``--quick``: fewer trials and nothing written, a
+smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+from torch import nn
+
+from common import paired, time_call, write_results
+from tfcourse.attention import MultiHeadAttention
+from tfcourse.models import GPT, GPTConfig
+from tfcourse.scaling import training_flops
+
+TARGETS = {"gpt_train_step": 1.0, "generation": 5.0, "multihead_attention": 0.9}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """The machine's float32 matrix-multiply rate in GFLOP/s: the best of a few timings of an n x n product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(time_call(lambda: a @ b, repeats) for _ in range(5))
+    return 2 * n ** 3 / best / 1e9
+
+
+def bench_gpt_train_step(trials: int, repeats: int) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    B, T = 32, 128
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=T, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    ours = GPT.from_hf(hf)
+    hf.train()
+    ours.train()
+    idx = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(0))
+    opt_ours, opt_hf = torch.optim.AdamW(ours.parameters()), torch.optim.AdamW(hf.parameters())
+
+    def step_ours():
+        loss = ours(idx, idx)[1]
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+
+    def step_hf():
+        loss = hf(input_ids=idx, labels=idx).loss       # Hugging Face shifts the labels itself
+        opt_hf.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_hf.step()
+
+    result = paired(step_ours, step_hf, trials=trials, repeats=repeats)
+    flops = training_flops(ours.config, B * T)
+    peak = matmul_gflops()
+    return {"config": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": T, "vocab_size": 65, "batch": B},
+            "peer": "transformers.GPT2LMHeadModel (attn_implementation=%s)" % hf.config._attn_implementation,
+            "ours_tokens_per_s": B * T / result["a_s"], "peer_tokens_per_s": B * T / result["b_s"],
+            "ratio": result["ratio"], "target": TARGETS["gpt_train_step"],
+            "ours_gflops": flops / result["a_s"] / 1e9, "matmul_gflops": peak,
+            "flops_per_step": flops}
+
+
+def bench_generation(trials: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=65, n_layer=4, n_head=4, n_embd=128)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    new = 256
+    with_cache = lambda: model.generate(prompt, new, temperature=0.0, use_cache=True)      # noqa: E731
+    without = lambda: model.generate(prompt, new, temperature=0.0, use_cache=False)        # noqa: E731
+    assert torch.equal(with_cache(), without()), "the cache must not change the tokens"
+    result = paired(with_cache, without, trials=trials, repeats=1, warmup=1)
+    return {"config": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 512, "vocab_size": 65, "batch": 1,
+                       "new_tokens": new},
+            "cache_tokens_per_s": new / result["a_s"], "no_cache_tokens_per_s": new / result["b_s"],
+            "ratio": result["ratio"], "target": TARGETS["generation"]}
+
+
+def bench_multihead_attention(trials: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    B, T, d, h = 16, 256, 512, 8
+    theirs = nn.MultiheadAttention(d, h, batch_first=True)
+    ours = MultiHeadAttention.from_torch(theirs)
+    x = torch.randn(B, T, d, requires_grad=True)
+
+    def run_ours():
+        out, _ = ours(x, x, x)
+        out.sum().backward()
+
+    def run_theirs():
+        out, _ = theirs(x, x, x, need_weights=False)
+        out.sum().backward()
+
+    result = paired(run_ours, run_theirs, trials=trials, repeats=repeats)
+    return {"config": {"B": B, "T": T, "d_model": d, "n_heads": h}, "peer": "torch.nn.MultiheadAttention",
+            "ours_ms": 1e3 * result["a_s"], "peer_ms": 1e3 * result["b_s"], "ratio": result["ratio"],
+            "target": TARGETS["multihead_attention"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer trials, results not written (a smoke test)")
+    args = parser.parse_args()
+    trials = 3 if args.quick else 11
+    warnings.filterwarnings("ignore")
+    results = {
+        "gpt_train_step": bench_gpt_train_step(trials, repeats=1 if args.quick else 3),
+        "generation": bench_generation(trials),
+        "multihead_attention": bench_multihead_attention(trials, repeats=1 if args.quick else 3),
+    }
+    for name, r in results.items():
+        ratio = r["ratio"]
+        verdict = "meets" if ratio["median"] >= r["target"] else "MISSES"
+        print(f"{name:22} ratio min {ratio['min']:.2f}  median {ratio['median']:.2f}  max {ratio['max']:.2f}  "
+              f"(target >= {r['target']}x: {verdict})")
+    if args.quick:
+        print("--quick: a smoke test; nothing written")
+        return
+    path = write_results("cpu", results)
+    print(f"wrote {path.relative_to(path.parents[2])}")
+
+
+if __name__ == "__main__":
+    main()

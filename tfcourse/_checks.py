@@ -52,3 +52,23 @@ def check_broadcastable_to(name: str, mask: torch.Tensor, target: Sequence[int],
         raise ValueError(
             f"{name} of shape {tuple(mask.shape)} does not broadcast to the scores' shape {target} {target_hint}"
         )
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """Check that ``value`` is an int (not a bool) of at least ``minimum`` and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Check that ``value`` is a positive int (not a bool) and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value: object) -> None:
+    """Check that ``value`` is a number (not a bool) in ``[0, 1]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import DtypeError
+from ._checks import DtypeError, check_int as _check_int
 
 __all__ = ["Hypotheses", "gnmt_length_penalty", "expand_for_beams", "greedy_decode", "beam_search"]
 
@@ -271,11 +271,6 @@ def beam_search(log_probs_fn: LogProbsFn, batch_size: int, beam_size: int, max_l
 # --------------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------------
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
 
 def _check_alpha(alpha: object) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import DtypeError, check_floating, check_tensor
+from ._checks import DtypeError, check_floating, check_int as _check_int, check_tensor
 from .attention import MultiHeadAttention
 
 __all__ = ["attention_modules", "AttentionRecord", "record_attention", "attention_entropy", "attention_rollout",
@@ -75,12 +75,6 @@ def _check_weights(name: str, weights: object, *, ndim: int | None = None, min_n
         raise ValueError(f"every row of {name} must sum to 1 (or to 0 for a query that attends to nothing), "
                          f"found a row summing to {bad:.4g}: pass softmax weights, not scores")
     return weights
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_fraction(name: str, value: object) -> float:

@@ -28,16 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import DtypeError, check_floating, check_tensor
+from ._checks import DtypeError, check_floating, check_positive_int as _positive_int, check_tensor
 from .models.gpt import GPT, GPTConfig, MLP
 
 __all__ = ["RouterOutput", "TopKRouter", "load_balancing_loss", "expert_capacity", "dispatch", "RoutingStats",
            "MoEFeedForward", "to_moe_", "moe_gpt", "moe_layers", "aux_loss", "parameter_counts"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_index(name: str, index: object, n_experts: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import DtypeError, check_tensor
+from ._checks import DtypeError, check_int as _check_int, check_tensor
 
 __all__ = [
     "sinusoidal_encoding",
@@ -36,11 +36,6 @@ __all__ = [
     "alibi_slopes",
     "alibi_bias",
 ]
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_positive_float(name: str, value: object) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_floating, check_same, check_tensor
+from ._checks import check_floating, check_positive_int as _positive_int, check_same, check_tensor
 from .positional import RotaryEmbedding
 
 __all__ = ["wkv_recurrent", "wkv_parallel", "RWKVTimeMixing", "retention_decay_mask", "retention_parallel",
@@ -40,11 +40,6 @@ __all__ = ["wkv_recurrent", "wkv_parallel", "RWKVTimeMixing", "retention_decay_m
 #: The ways to compute each layer: ``"parallel"`` (training), ``"recurrent"`` (token by token, with a state),
 #: and for retention also ``"chunkwise"``.
 MODES = ("parallel", "recurrent", "chunkwise")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_mode(mode: object, allowed: tuple[str, ...]) -> str:

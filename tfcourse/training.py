@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import DtypeError, check_floating, check_tensor
+from ._checks import DtypeError, check_floating, check_int as _check_int, check_tensor
 
 __all__ = [
     "label_smoothed_cross_entropy",
@@ -56,11 +56,6 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, high_open: bool = False) -> None:

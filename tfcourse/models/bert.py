@@ -37,6 +37,7 @@ from .._checks import DtypeError, check_floating, check_tensor
 from ..layers import EncoderLayer
 from ..positional import LearnedPositionalEmbedding
 from ..training import label_smoothed_cross_entropy
+from .._checks import check_int as _check_int, check_probability as _check_probability
 
 __all__ = ["BERTConfig", "BERTEmbeddings", "BERTOutput", "BERT", "cls_pool", "mean_pool", "MLMHead",
            "PreTrainingOutput", "BERTForPreTraining", "BERTForSequenceClassification", "BERTForTokenClassification",
@@ -49,16 +50,6 @@ POOLINGS = ("cls", "mean")
 # --------------------------------------------------------------------------------------------------------------
 # The configuration
 # --------------------------------------------------------------------------------------------------------------
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_probability(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
 
 @dataclass(frozen=True)
 class BERTConfig:

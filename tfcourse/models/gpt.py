@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import DtypeError, check_tensor
+from .._checks import DtypeError, check_positive_int as _positive_int, check_tensor
 from ..attention import KVCache, MultiHeadAttention
 from ..decoding import sample_next_token
 from ..layers import FeedForward
@@ -49,11 +49,6 @@ __all__ = ["GPTConfig", "prefix_lm_mask", "lm_loss", "MLP", "Block", "GPT"]
 #: exact GELU and ReLU.
 GPT_ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_floating, check_tensor
+from .._checks import check_floating, check_int as _check_int, check_probability as _check_probability, check_tensor
 from ..attention import MultiHeadAttention
 from ..layers import EncoderLayer
 from ..positional import LearnedPositionalEmbedding
@@ -59,16 +59,6 @@ POOLINGS = ("cls", "mean")
 #: How :class:`ViT` turns the image into tokens: the strided convolution (:class:`PatchEmbedding`) or a
 #: convolutional stem (:class:`ConvStem`).
 STEMS = ("patch", "conv")
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_probability(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _check_images(name: str, images: object, patch_size: int | None = None, channels: int | None = None,

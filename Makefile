@@ -12,6 +12,7 @@ ASSIGNMENTS := $(notdir $(wildcard solutions/[0-9]*))
 # is newer than the last build.
 BOOK_STAMP := _build/html/.tfcourse-built
 BOOK_SOURCES := _config.yml _toc.yml $(wildcard book/*.md book/*.bib book/_ext/*.py book/_static/*) $(NOTEBOOKS) \
+  $(wildcard book/figures/performance/*) \
   $(wildcard exercises/*/*.ipynb solutions/*/*.ipynb)
 # Where `make grade` writes grades, feedback and its nbgrader course directory.
 GRADED ?= graded
@@ -27,7 +28,7 @@ export PYTHONHASHSEED := 0
 # `make bench`, which measures the machine as it is, nor to a learner's own JupyterLab.
 REPRO_ENV := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: help install book test test-fast execute lab assignments grade chromium bench clean
+.PHONY: help install book test test-fast execute lab assignments grade chromium bench bench-gpu clean
 
 help:
 	@echo "make book         build the site in _build/html (creates .venv on first use)"
@@ -36,6 +37,8 @@ help:
 	@echo "make lab          open JupyterLab on the course"
 	@echo "make assignments  regenerate exercises/ (student versions) from solutions/"
 	@echo "make bench        CPU benchmarks against peers and each chapter's time: benchmarks/results/<host-kind>.json"
+	@echo "                  and the plots of the appendix (book/figures/performance/)"
+	@echo "make bench-gpu    on a CUDA machine: Triton flash against SDPA, GPT tokens/s and MFU; then the plots"
 	@echo "make grade SUBMISSIONS=<folder> [GRADED=<folder>]"
 	@echo "                  autograde <folder>/<student>/<assignment>/<assignment>.ipynb: grades.csv, feedback"
 
@@ -120,6 +123,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py
 	$(BIN)/python benchmarks/attention_vs_length.py
 	$(REPRO_ENV) $(BIN)/python benchmarks/notebook_times.py
+	$(BIN)/python benchmarks/report.py
+
+# On a CUDA machine (the same torch pin installs its CUDA build there): the GPU benchmarks, attention against T on
+# the GPU (with the Triton kernel), and the plots. `pytest -m gpu` is the GPU test suite.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py
+	$(BIN)/python benchmarks/attention_vs_length.py --device cuda --lengths 1024 2048 4096 8192 16384
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf _build $(VENDOR)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tfcourse.device import by_scale, device, scale, seed_everything
+from tfcourse.device import autocast, bf16_supported, by_scale, device, scale, seed_everything
 
 
 def test_device_is_a_usable_torch_device():
@@ -47,3 +47,27 @@ def test_scale_knob(monkeypatch):
     monkeypatch.setenv("TFCOURSE_SCALE", "huge")
     with pytest.raises(ValueError, match="TFCOURSE_SCALE"):
         scale()
+
+
+def test_autocast_changes_nothing_where_bf16_does_not_pay():
+    assert not bf16_supported("cpu")
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast("cpu"):
+        y = x @ w
+    assert y.dtype == torch.float32 and torch.equal(y, x @ w)
+
+
+def test_autocast_can_be_forced_on_and_then_computes_in_bf16():
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast("cpu", enabled=True):
+        y = x @ w
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x @ w, atol=0.1, rtol=0.02)   # bf16 keeps about 3 significant digits
+    with autocast("cpu", enabled=False):
+        assert (x @ w).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [dict(where=3), dict(where="cpu", enabled="yes")])
+def test_autocast_rejects_bad_arguments(bad):
+    with pytest.raises(TypeError):
+        autocast(**bad)

@@ -119,6 +119,17 @@ def test_generation_with_and_without_cache_gives_the_same_tokens(n_kv_heads, sam
     assert torch.equal(with_cache, without)
 
 
+def test_generated_tokens_are_an_ordinary_tensor_that_training_code_may_use():
+    # generate runs in inference mode; what it returns must still be usable as the input of a training step.
+    model = small_gpt()
+    out = model.generate(tokens(B=2, T=3), 4, temperature=0.0)
+    assert not out.is_inference()
+    model.train()
+    loss = model(out[:, :-1], out[:, 1:])[1]
+    loss.backward()
+    assert model.wte.weight.grad is not None
+
+
 def test_cached_forward_equals_full_forward():
     model = small_gpt()
     idx = tokens(T=12)

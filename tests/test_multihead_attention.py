@@ -323,6 +323,28 @@ def test_incremental_decoding_with_a_kv_cache_equals_the_full_causal_pass(n_kv_h
     assert cache.nbytes == kv_cache_bytes(1, n_kv_heads, D // H, TK, batch_size=B, bytes_per_element=8)
 
 
+def test_kv_cache_grows_by_doubling_and_holds_exactly_what_was_appended():
+    cache = KVCache()
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 4)
+    pieces = [(0, 2), (2, 3), (3, 4), (4, 5), (5, 9)]
+    capacities = []
+    for start, stop in pieces:
+        k, v = cache.update(keys[:, :, start:stop], values[:, :, start:stop])
+        # What a concatenating cache would return, and views of the buffers (no copy of the whole cache).
+        torch.testing.assert_close(k, keys[:, :, :stop], rtol=0, atol=0)
+        torch.testing.assert_close(v, values[:, :, :stop], rtol=0, atol=0)
+        assert len(cache) == stop and cache.capacity >= stop
+        capacities.append(cache.capacity)
+    assert capacities == [2, 4, 4, 8, 16]   # doubled when full, or grown to what one update needs
+    assert cache.nbytes == 2 * 2 * 3 * 9 * 4 * 4   # the cached tokens only, not the reserve
+    # The appended tensors are copied: changing them afterwards does not change the cache.
+    new_key = torch.ones(2, 3, 1, 4)
+    cache.update(new_key, new_key.clone())
+    new_key.zero_()
+    assert torch.equal(cache.key[:, :, -1], torch.ones(2, 3, 4))
+
+
 def test_kv_cache_memory_scales_with_n_kv_heads_and_checks_shapes():
     assert kv_cache_bytes(32, 32, 128, 4096) == 2 * 1024**3  # a 7B-class model: 2 GiB per sequence in fp16
     assert kv_cache_bytes(32, 8, 128, 4096) == 512 * 1024**2

@@ -483,30 +483,55 @@ class KVCache:
     cache per layer and per batch of sequences.
 
     Attributes:
-        key, value: ``(B, n_kv_heads, T_cached, d_head)`` tensors, or ``None`` while the cache is empty.
+        key, value: ``(B, n_kv_heads, T_cached, d_head)`` tensors (views of the cache's buffers), or ``None`` while
+            the cache is empty.
 
-    ``len(cache)`` is ``T_cached``; :attr:`nbytes` is the memory the cache holds, ``2 * B * n_kv_heads *
-    T_cached * d_head * element_size`` (compare :func:`kv_cache_bytes`). This teaching version grows by
-    concatenation; production code preallocates the maximum length.
+    ``len(cache)`` is ``T_cached``; :attr:`nbytes` is the memory of the cached keys and values, ``2 * B *
+    n_kv_heads * T_cached * d_head * element_size`` (compare :func:`kv_cache_bytes`).
+
+    **Storage.** Appending by concatenation would copy the whole cache at every step, a cost that grows with the
+    length (quadratic over a generation) and that, at batch 1 on a CPU, dominates a small model's step. So the
+    cache writes into preallocated buffers of :attr:`capacity` positions, doubled when full (as a Python list
+    grows): each token is copied a constant number of times on average. Production servers preallocate the
+    maximum length once, or page the cache in fixed blocks (Kwon et al. 2023, "PagedAttention").
     """
 
     def __init__(self) -> None:
-        self.key: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
+        self._key: torch.Tensor | None = None      # (B, n_kv_heads, capacity, d_head) buffers
+        self._value: torch.Tensor | None = None
+        self._length = 0
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        """The cached keys ``(B, n_kv_heads, T_cached, d_head)``, or ``None`` while empty."""
+        return None if self._key is None else self._key[:, :, :self._length]
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """The cached values ``(B, n_kv_heads, T_cached, d_head)``, or ``None`` while empty."""
+        return None if self._value is None else self._value[:, :, :self._length]
 
     def __len__(self) -> int:
-        return 0 if self.key is None else self.key.shape[-2]
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers can hold before they are doubled (``>= len(cache)``)."""
+        return 0 if self._key is None else self._key.shape[-2]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cached keys and values."""
-        if self.key is None:
+        """Bytes of the cached keys and values (the buffers reserve ``capacity / len(cache)`` times as much)."""
+        if self._key is None:
             return 0
-        return self.key.numel() * self.key.element_size() + self.value.numel() * self.value.element_size()
+        per_position = self._key[:, :, :1].numel() * self._key.element_size() \
+            + self._value[:, :, :1].numel() * self._value.element_size()
+        return per_position * self._length
 
     def reset(self) -> None:
         """Empty the cache (before decoding a new batch)."""
-        self.key = self.value = None
+        self._key = self._value = None
+        self._length = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new keys and values ``(B, n_kv_heads, T_new, d_head)`` and return all of them
@@ -519,20 +544,34 @@ class KVCache:
         check_tensor("value", value, ndim=4, shape_hint="(B, n_kv_heads, T_new, d_head)")
         check_floating("value", value, like=key, like_name="key")
         check_same("value", value.shape[:-1], key.shape[:-1], "the shape but for the last dimension (key's)")
-        if self.key is None:
-            self.key, self.value = key, value
+        t_new = key.shape[-2]
+        if self._key is None:
+            self._key, self._value = key.contiguous(), value.contiguous()
         else:
-            check_floating("key", key, like=self.key, like_name="the cached keys")
+            check_floating("key", key, like=self._key, like_name="the cached keys")
             check_same("key", (key.shape[0], key.shape[1], key.shape[3]),
-                       (self.key.shape[0], self.key.shape[1], self.key.shape[3]),
+                       (self._key.shape[0], self._key.shape[1], self._key.shape[3]),
                        "(B, n_kv_heads, d_head) (the cached keys')")
-            check_same("value", value.shape[-1:], self.value.shape[-1:], "d_head (the cached values')")
-            self.key = torch.cat([self.key, key], dim=-2)
-            self.value = torch.cat([self.value, value], dim=-2)
+            check_same("value", value.shape[-1:], self._value.shape[-1:], "d_head (the cached values')")
+            if key.device != self._key.device:
+                raise ValueError(f"key: on {key.device}, the cached keys on {self._key.device}")
+            needed = self._length + t_new
+            if needed > self.capacity:                                 # double the buffers (amortised O(1))
+                capacity = max(needed, 2 * self.capacity)
+                self._key = self._grow(self._key, capacity)
+                self._value = self._grow(self._value, capacity)
+            self._key[:, :, self._length:needed] = key
+            self._value[:, :, self._length:needed] = value
+        self._length += t_new
         return self.key, self.value
 
+    def _grow(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+        grown[:, :, :self._length] = buffer[:, :, :self._length]
+        return grown
+
     def __repr__(self) -> str:
-        shape = None if self.key is None else tuple(self.key.shape)
+        shape = None if self._key is None else tuple(self.key.shape)
         return f"KVCache(key shape {shape}, {self.nbytes} bytes)"
 
 
@@ -749,7 +788,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 raise ValueError(f"attn_mask must have 2, 3 or 4 dimensions [{hint}], got {tuple(attn_mask.shape)}")
             combine(attn_mask, "attn_mask")
-        if is_causal:
+        if is_causal and n_cached < Tk - 1:  # otherwise (one new token after the cache) the mask blocks nothing
             causal = causal_mask(Tq, Tk, device=query.device, offset=n_cached)  # (Tq, Tk), True = may attend
             allowed = causal if allowed is None else allowed & causal
         if added is None:

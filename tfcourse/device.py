@@ -1,6 +1,9 @@
 """Device, seeding and the size knob shared by every chapter.
 
-* :func:`device` picks the best available accelerator (CUDA, then Apple's MPS, then the CPU).
+* :func:`device` picks the best available accelerator (CUDA, then Apple's MPS, then the CPU); every model and layer
+  of the package runs on it unchanged (``model.to(device())``, inputs created on the same device).
+* :func:`autocast` is bfloat16 mixed precision where it pays (a CUDA GPU that computes in bf16), and changes nothing
+  elsewhere; :func:`bf16_supported` says which.
 * :func:`seed_everything` seeds Python, NumPy and PyTorch so that a notebook's printed results repeat.
 * :func:`scale` reads the environment variable ``TFCOURSE_SCALE``: ``small`` (the default, every notebook runs in
   about a minute on a laptop CPU) or ``full`` (the real-size runs, meant for a GPU). :func:`by_scale` picks a
@@ -9,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import TypeVar
@@ -16,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["device", "seed_everything", "scale", "by_scale", "SCALES"]
+__all__ = ["device", "autocast", "bf16_supported", "seed_everything", "scale", "by_scale", "SCALES"]
 
 SCALES = ("small", "full")
 T = TypeVar("T")
@@ -36,6 +40,60 @@ def device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _as_device(where: torch.device | str | None) -> torch.device:
+    if where is None:
+        return device()
+    if not isinstance(where, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device, a string such as 'cuda' or None, got {type(where).__name__}")
+    return torch.device(where)
+
+
+def bf16_supported(where: torch.device | str | None = None) -> bool:
+    """Whether bfloat16 autocast pays on ``where`` (default :func:`device`): a CUDA GPU with bf16 tensor cores
+    (compute capability 8.0 or more: A100, H100, RTX 30xx and later). On a CPU bf16 matrix products are emulated or
+    slower than float32 on most machines, so the answer there is ``False``.
+
+    Raises:
+        TypeError: if ``where`` is not a device, a string or ``None``.
+    """
+    where = _as_device(where)
+    if where.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(where)[0] >= 8 and torch.cuda.is_bf16_supported()
+
+
+def autocast(where: torch.device | str | None = None, enabled: bool | None = None) -> contextlib.AbstractContextManager:
+    """Mixed precision for a forward pass (and the loss), where it pays.
+
+    ``with autocast(): loss = model(x, y)[1]`` then ``loss.backward()`` outside the block: on a GPU for which
+    :func:`bf16_supported` holds, matrix products and attention run in bfloat16 (:func:`torch.autocast`), while
+    the weights, their gradients and the optimiser state stay float32, and precision-sensitive operations (softmax,
+    layer norm, the loss) are kept in float32 by autocast's own lists. bfloat16 has float32's exponent range, so no
+    loss scaling is needed (unlike float16). Elsewhere the context does nothing and results are float32.
+
+    Args:
+        where: the device the model runs on (default :func:`device`).
+        enabled: force autocast on (``True``, bf16 on that device type even where it does not pay, for example a
+            CPU) or off (``False``); ``None`` (default) decides by :func:`bf16_supported`.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        TypeError: if ``where`` is not a device, a string or ``None``, or ``enabled`` is not a bool or ``None``.
+
+    Source: Micikevicius et al. (2018), "Mixed precision training"; Kalamkar et al. (2019), "A study of BFLOAT16
+    for deep learning training".
+    """
+    where = _as_device(where)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    on = bf16_supported(where) if enabled is None else enabled
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=where.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:

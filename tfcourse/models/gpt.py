@@ -395,7 +395,6 @@ class GPT(nn.Module):
             raise ValueError(f"kv_caches: every layer's cache must hold as many tokens, got lengths {sorted(lengths)}")
         return lengths.pop()
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, *, generator: torch.Generator | None = None,
                  prefix_lengths: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -443,6 +442,16 @@ class GPT(nn.Module):
             if idx.shape[1] + max_new_tokens > block_size:
                 raise ValueError(f"prefix-LM generation needs the whole context in one window: prompt "
                                  f"{idx.shape[1]} + max_new_tokens {max_new_tokens} > block_size {block_size}")
+        # Inference mode (no autograd bookkeeping at all) makes each small step cheaper than no_grad alone; the result
+        # is cloned outside it, so that it is an ordinary tensor (one that training code may use).
+        with torch.inference_mode():
+            idx = self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, prefix_lengths)
+        return idx.clone()
+
+    def _generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, use_cache: bool, generator: torch.Generator | None,
+                  prefix_lengths: int | torch.Tensor | None) -> torch.Tensor:
+        block_size = self.config.block_size
         caches = self.new_kv_caches() if use_cache else None
         for _ in range(max_new_tokens):
             if use_cache and 0 < len(caches[0]) < block_size:

@@ -24,20 +24,12 @@ import warnings
 import torch
 from torch import nn
 
-from common import paired, time_call, write_results
+from common import matmul_flops_per_s, paired, write_results
 from tfcourse.attention import MultiHeadAttention
 from tfcourse.models import GPT, GPTConfig
 from tfcourse.scaling import training_flops
 
 TARGETS = {"gpt_train_step": 1.0, "generation": 5.0, "multihead_attention": 0.9}
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """The machine's float32 matrix-multiply rate in GFLOP/s: the best of a few timings of an n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(time_call(lambda: a @ b, repeats) for _ in range(5))
-    return 2 * n ** 3 / best / 1e9
 
 
 def bench_gpt_train_step(trials: int, repeats: int) -> dict:
@@ -69,7 +61,7 @@ def bench_gpt_train_step(trials: int, repeats: int) -> dict:
 
     result = paired(step_ours, step_hf, trials=trials, repeats=repeats)
     flops = training_flops(ours.config, B * T)
-    peak = matmul_gflops()
+    peak = matmul_flops_per_s(1024, 10) / 1e9       # the float32 matrix-multiply rate, GFLOP/s
     return {"config": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": T, "vocab_size": 65, "batch": B},
             "peer": "transformers.GPT2LMHeadModel (attn_implementation=%s)" % hf.config._attn_implementation,
             "ours_tokens_per_s": B * T / result["a_s"], "peer_tokens_per_s": B * T / result["b_s"],
@@ -78,35 +70,44 @@ def bench_gpt_train_step(trials: int, repeats: int) -> dict:
             "flops_per_step": flops}
 
 
+NEW_TOKENS = 256
+
+
+def cache_speedup(sizes: dict, trials: int) -> dict:
+    """Greedy generation of ``NEW_TOKENS`` tokens at batch 1 from a one-token prompt by ``GPT(GPTConfig(**sizes))``,
+    with the KV cache against without, side by side (the two must give the same tokens)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**sizes)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    with_cache = lambda: model.generate(prompt, NEW_TOKENS, temperature=0.0, use_cache=True)      # noqa: E731
+    without = lambda: model.generate(prompt, NEW_TOKENS, temperature=0.0, use_cache=False)        # noqa: E731
+    assert torch.equal(with_cache(), without()), "the cache must not change the tokens"
+    result = paired(with_cache, without, trials=trials, repeats=1, warmup=1)
+    return {"config": {**sizes, "batch": 1, "prompt_tokens": 1, "new_tokens": NEW_TOKENS},
+            "cache_tokens_per_s": NEW_TOKENS / result["a_s"], "no_cache_tokens_per_s": NEW_TOKENS / result["b_s"],
+            "ratio": result["ratio"]}
+
+
 def bench_generation(trials: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=512, vocab_size=65, n_layer=4, n_head=4, n_embd=128)).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    new = 256
-    with_cache = lambda: model.generate(prompt, new, temperature=0.0, use_cache=True)      # noqa: E731
-    without = lambda: model.generate(prompt, new, temperature=0.0, use_cache=False)        # noqa: E731
-    assert torch.equal(with_cache(), without()), "the cache must not change the tokens"
-    result = paired(with_cache, without, trials=trials, repeats=1, warmup=1)
+    result = cache_speedup(dict(n_layer=4, n_head=4, n_embd=128, block_size=512, vocab_size=65), trials)
     # For context, the same measurement of Hugging Face's GPT-2 with the same configuration (its generate loop).
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=512, n_embd=128, n_layer=4, n_head=4,
                                     bos_token_id=0, eos_token_id=0)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
 
     def hf_generate(use_cache: bool) -> torch.Tensor:
-        return hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
-                           pad_token_id=0)
+        return hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           use_cache=use_cache, pad_token_id=0)
 
     peer = paired(lambda: hf_generate(True), lambda: hf_generate(False), trials=max(3, trials // 3), repeats=1,
                   warmup=1)
-    return {"config": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 512, "vocab_size": 65, "batch": 1,
-                       "prompt_tokens": 1, "new_tokens": new},
-            "cache_tokens_per_s": new / result["a_s"], "no_cache_tokens_per_s": new / result["b_s"],
-            "ratio": result["ratio"], "target": TARGETS["generation"],
+    return {**result, "target": TARGETS["generation"],
             "peer": "transformers.GPT2LMHeadModel.generate (greedy), same configuration",
-            "peer_cache_tokens_per_s": new / peer["a_s"], "peer_no_cache_tokens_per_s": new / peer["b_s"],
+            "peer_cache_tokens_per_s": NEW_TOKENS / peer["a_s"], "peer_no_cache_tokens_per_s": NEW_TOKENS / peer["b_s"],
             "peer_ratio": peer["ratio"]}
 
 
@@ -114,17 +115,7 @@ def bench_generation_larger(trials: int) -> dict:
     """The same measurement for chapter 9's character GPT at ``TFCOURSE_SCALE=full`` (6 layers, 4 heads, width
     384): where a step's arithmetic outweighs its fixed overhead, the cache gains more. For information; the
     target is set on the configuration above."""
-    torch.manual_seed(0)
-    sizes = dict(n_layer=6, n_head=4, n_embd=384, block_size=512, vocab_size=65)
-    model = GPT(GPTConfig(**sizes)).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    new = 256
-    result = paired(lambda: model.generate(prompt, new, temperature=0.0, use_cache=True),
-                    lambda: model.generate(prompt, new, temperature=0.0, use_cache=False),
-                    trials=trials, repeats=1, warmup=1)
-    return {"config": {**sizes, "batch": 1, "prompt_tokens": 1, "new_tokens": new},
-            "cache_tokens_per_s": new / result["a_s"], "no_cache_tokens_per_s": new / result["b_s"],
-            "ratio": result["ratio"]}
+    return cache_speedup(dict(n_layer=6, n_head=4, n_embd=384, block_size=512, vocab_size=65), trials)
 
 
 def bench_multihead_attention(trials: int, repeats: int) -> dict:

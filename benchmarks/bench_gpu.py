@@ -28,21 +28,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import paired, time_call, write_results
+from common import matmul_flops_per_s, paired, time_call, write_results
 from tfcourse.device import autocast
 from tfcourse.models import GPT, GPTConfig
 from tfcourse.scaling import training_flops
 
 TARGET_FLASH = 0.7
 HEAD_DIM, HEADS, TOKENS = 64, 16, 16384
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
-    """The measured matrix-multiply rate in TFLOP/s: the best of five timings of ``repeats`` n x n products."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    best = min(time_call(lambda: a @ b, repeats) for _ in range(5))
-    return 2 * n ** 3 / best / 1e12
 
 
 def sdpa_flash_backend(device: torch.device):
@@ -147,13 +139,13 @@ def main() -> None:
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("bench_gpu.py needs a CUDA device (run with --smoke to check the script on a CPU)")
     if args.smoke:
-        peak = matmul_tflops(device, torch.float32, n=256, repeats=2)
+        peak = matmul_flops_per_s(256, 2, torch.float32, device) / 1e12
         bench_flash_forward(device, [64, 128], trials=2, repeats=1, peak=peak)
         bench_gpt_training(device, {"smoke": SMOKE_CONFIG}, steps=1, peak=peak)
         print("--smoke: the script's code paths at toy sizes; nothing written")
         return
     torch.backends.cuda.matmul.allow_tf32 = True   # float32 parts of the GPT step (the optimiser) as in practice
-    peak = matmul_tflops(device, torch.bfloat16)
+    peak = matmul_flops_per_s(8192, 20, torch.bfloat16, device) / 1e12
     print(f"measured bf16 matmul rate: {peak:.0f} TFLOP/s ({torch.cuda.get_device_name(device)})", flush=True)
     flash = bench_flash_forward(device, [1024, 2048, 4096, 8192, 16384], trials=7, repeats=10, peak=peak)
     gpt = bench_gpt_training(device, GPT_CONFIGS, steps=10, peak=peak)

@@ -89,6 +89,15 @@ def paired(a: Callable[[], object], b: Callable[[], object], *, trials: int, rep
     return {"a_s": statistics.median(times_a), "b_s": statistics.median(times_b), "ratio": summary(ratios)}
 
 
+def matmul_flops_per_s(n: int, repeats: int, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> float:
+    """The machine's matrix-multiply rate in FLOP/s: the best of five timings of ``repeats`` n x n products."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = min(time_call(lambda: a @ b, repeats) for _ in range(5))
+    return 2 * n ** 3 / best
+
+
 def summary(values: list[float]) -> dict:
     """``{"min", "median", "max", "n"}`` of a list of numbers."""
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}

@@ -104,7 +104,7 @@ def plot_attention(kind: str, data: dict) -> str:
             points = sorted((r["T"], r[field] * factor) for r in results if r["method"] == method and r["mode"] == mode)
             if points:
                 ax.plot(*zip(*points), style, label=label, ms=4)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel=ylabel)
+        ax.set(yscale="log", xlabel="sequence length T", ylabel=ylabel)
         ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     c = data["config"]
@@ -122,7 +122,8 @@ def plot_notebooks(kind: str, nb: dict) -> str:
     ax.axvline(nb["target_each_s"], color="gray", ls="--", label=f"budget {nb['target_each_s']} s")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="seconds under nbval", title=f"Each chapter's time under nbval on {kind}: {nb['total_s']:.0f} s in all "
+    ax.set(xlabel="seconds under nbval",
+           title=f"Each chapter's time under nbval on {kind}: {nb['total_s']:.0f} s in all "
            f"(budget {nb['target_all_s']} s)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -196,7 +197,8 @@ def attention_table(kind: str, data: dict) -> list[str]:
             r = by.get((m, "forward_backward", T))
             cells.append("" if r is None else f"{1e3 * r['time_s']:,.1f} / {r['peak_bytes'] / 2**20:,.1f}")
         lines.append(f"| {T} | " + " | ".join(cells) + " |")
-    naive, flash = by.get(("naive", "forward_backward", lengths[-1])), by.get(("flash", "forward_backward", lengths[-1]))
+    naive = by.get(("naive", "forward_backward", lengths[-1]))
+    flash = by.get(("flash", "forward_backward", lengths[-1]))
     if naive and flash:
         share = flash["peak_bytes"] / naive["peak_bytes"]
         lines += ["", f"At T = {lengths[-1]}, flash attention's peak memory is {share:.4f} of naive attention's "

@@ -524,9 +524,7 @@ class KVCache:
         """Bytes of the cached keys and values (the buffers reserve ``capacity / len(cache)`` times as much)."""
         if self._key is None:
             return 0
-        per_position = self._key[:, :, :1].numel() * self._key.element_size() \
-            + self._value[:, :, :1].numel() * self._value.element_size()
-        return per_position * self._length
+        return self.key.numel() * self.key.element_size() + self.value.numel() * self.value.element_size()
 
     def reset(self) -> None:
         """Empty the cache (before decoding a new batch)."""

@@ -445,24 +445,17 @@ class GPT(nn.Module):
         # Inference mode (no autograd bookkeeping at all) makes each small step cheaper than no_grad alone; the result
         # is cloned outside it, so that it is an ordinary tensor (one that training code may use).
         with torch.inference_mode():
-            idx = self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, prefix_lengths)
+            caches = self.new_kv_caches() if use_cache else None
+            for _ in range(max_new_tokens):
+                if use_cache and 0 < len(caches[0]) < block_size:
+                    logits, _ = self(idx[:, -1:], kv_caches=caches)                 # only the newest token
+                else:
+                    if use_cache:  # the first step, or a full window that must slide: (re)fill the cache
+                        caches = self.new_kv_caches()
+                    logits, _ = self(idx[:, -block_size:], prefix_lengths=prefix_lengths, kv_caches=caches)
+                next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator=generator)  # (B,)
+                idx = torch.cat([idx, next_token[:, None]], dim=1)                    # (B, T + 1)
         return idx.clone()
-
-    def _generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                  top_p: float | None, use_cache: bool, generator: torch.Generator | None,
-                  prefix_lengths: int | torch.Tensor | None) -> torch.Tensor:
-        block_size = self.config.block_size
-        caches = self.new_kv_caches() if use_cache else None
-        for _ in range(max_new_tokens):
-            if use_cache and 0 < len(caches[0]) < block_size:
-                logits, _ = self(idx[:, -1:], kv_caches=caches)                 # only the newest token
-            else:
-                if use_cache:  # the first step, or a full window that must slide: (re)fill the cache
-                    caches = self.new_kv_caches()
-                logits, _ = self(idx[:, -block_size:], prefix_lengths=prefix_lengths, kv_caches=caches)
-            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator=generator)  # (B,)
-            idx = torch.cat([idx, next_token[:, None]], dim=1)                    # (B, T + 1)
-        return idx
 
     @classmethod
     def from_hf(cls, module: GPT2LMHeadModel) -> GPT:

@@ -39,7 +39,7 @@ COURSE_ID = "tfcourse"
 
 SOLUTION_STUDENT = "solution"  # submits the instructor source as it is
 UNTOUCHED_STUDENT = "untouched"  # submits the student version as released
-LOOPING_STUDENT = "looping"  # replaces every solution cell by an infinite loop
+LOOPING_STUDENT = "looping"  # replaces the first solution cell of each notebook by an infinite loop
 LOOP = "while True:\n    pass"
 LOOP_TIMEOUT_S = 15  # per-cell timeout of the looping student's grading run (the course's is 60 s); importing torch
 # on two loaded cores can take 5 s, so a shorter one fails a well-behaved cell too
@@ -267,10 +267,16 @@ def course(request, tmp_path_factory) -> tuple[Path, str]:
     return make_course(tmp_path_factory.mktemp(assignment), assignment), assignment
 
 
+def is_solution(cell: nbformat.NotebookNode) -> bool:
+    return cell.cell_type == "code" and bool(cell.metadata.get("nbgrader", {}).get("solution"))
+
+
 def loop_forever(nb: nbformat.NotebookNode) -> None:
-    for cell in nb.cells:
-        if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution"):
-            cell.source = LOOP
+    """The first solution cell loops forever; the later ones stay the student version's stubs. One loop shows the
+    timeout at work (each costs the whole timeout), and the stubs after it show that grading goes on after it."""
+    first = next((cell for cell in nb.cells if is_solution(cell)), None)
+    if first is not None:
+        first.source = LOOP
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +397,8 @@ def test_untouched_student_version_gets_zero(graded):
 @pytest.mark.slow
 def test_infinite_loop_is_interrupted_and_scores_zero(graded):
     course_dir, assignment = graded["looping_course"], graded["assignment"]
-    n_loops = sum(
-        1 for path in notebooks(SOLUTIONS / assignment) for cell in nbformat.read(path, as_version=4).cells
-        if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution")
-    )
+    n_loops = sum(any(is_solution(cell) for cell in nbformat.read(path, as_version=4).cells)
+                  for path in notebooks(SOLUTIONS / assignment))  # one per notebook with a solution cell
     # Each loop costs the timeout; the rest (nbgrader, a kernel, torch) well under the slack, even on 2 loaded cores.
     bound = n_loops * LOOP_TIMEOUT_S + 120
     proc = graded["looping"].wait(timeout=bound + 60)
@@ -409,4 +413,12 @@ def test_infinite_loop_is_interrupted_and_scores_zero(graded):
                if cell.source == LOOP]
     assert len(stopped) == n_loops > 0
     assert all("CellTimeoutError" in errors(cell) for cell in stopped), [errors(c) for c in stopped]
+    # ... and the kernel went on to run every code cell after the loop (the stubs and the tests).
+    for nb in autograded(course_dir, assignment, LOOPING_STUDENT):
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        if not any(cell.source == LOOP for cell in code):
+            continue  # a notebook without a solution cell
+        after = code[next(i for i, cell in enumerate(code) if cell.source == LOOP) + 1:]
+        assert after and all(cell.execution_count is not None for cell in after), \
+            [cell.get("id") for cell in after if cell.execution_count is None]
     assert f"Timeout waiting for execute reply ({LOOP_TIMEOUT_S}s)" in proc.log, "the short timeout was not used"

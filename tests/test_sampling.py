@@ -178,6 +178,13 @@ def test_sampling_shapes_greedy_and_reproducibility():
     (lambda: next_token_probs(torch.zeros(3), temperature=-1.0), ValueError, "temperature"),
     (lambda: next_token_probs(torch.zeros(3), top_k=0), ValueError, "top_k"),
     (lambda: sample_next_token(torch.zeros(3), top_p=2.0), ValueError, "top_p"),
+    # greedy decoding takes the argmax without the one-hot distribution, but checks the same
+    (lambda: sample_next_token(torch.tensor([[0.0, 1.0], [5.0, float("nan")]]), temperature=0), ValueError, "NaN"),
+    (lambda: sample_next_token(torch.tensor([0.0, math.inf]), temperature=0), ValueError, r"\+inf"),
+    (lambda: sample_next_token(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), temperature=0), ValueError,
+     "-inf everywhere"),
+    (lambda: sample_next_token(torch.zeros(3), temperature=0, top_k=0), ValueError, "top_k"),
+    (lambda: sample_next_token(torch.zeros(3), temperature=-0.5), ValueError, "temperature"),
 ])
 def test_bad_inputs_raise(call, error, match):
     with pytest.raises(error, match=match):

@@ -141,9 +141,15 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> to
     if mask.dtype != torch.bool:
         raise DtypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
     check_broadcastable_to("mask", mask, scores.shape, "(..., Tq, Tk)")
+    return _masked_softmax(scores, mask)
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_softmax` of checked arguments (a bool ``mask`` that broadcasts to ``scores``)."""
     # A large finite negative number, not -inf: a fully masked row then stays finite (uniform), and is zeroed below.
-    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(filled, dim=-1).masked_fill(~mask, 0.0)
+    blocked = ~mask
+    filled = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1).masked_fill(blocked, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -384,27 +390,30 @@ def scaled_dot_product_attention(
         raise ValueError("attn_mask must be None when is_causal=True (pass one or the other)")
 
     t_q, t_k = query.shape[-2], key.shape[-2]
+    if is_causal:
+        attn_mask = causal_mask(t_q, t_k, device=query.device)
+    elif attn_mask is not None:
+        check_tensor("attn_mask", attn_mask)
+        check_broadcastable_to("attn_mask", attn_mask, (*query.shape[:-1], t_k), "(..., Tq, Tk)")
+        if attn_mask.dtype != torch.bool:
+            check_floating("attn_mask", attn_mask, like=query, like_name="query (or use a bool mask)")
+    output, weights = _attend(query, key, value, attn_mask, dropout_p, scale)
+    return (output, weights) if return_weights else output
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            dropout_p: float, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`scaled_dot_product_attention`, on arguments already checked (by it, or by
+    :class:`MultiHeadAttention`, which checks its own inputs once): ``mask`` is ``None``, bool (``True`` = may
+    attend) or float (added). Returns ``(output, weights)``."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., Tq, Tk)
-
-    if is_causal:
-        mask = causal_mask(t_q, t_k, device=query.device)
-    elif attn_mask is None:
-        mask = None
-    else:
-        check_tensor("attn_mask", attn_mask)
-        check_broadcastable_to("attn_mask", attn_mask, scores.shape, "(..., Tq, Tk)")
-        if attn_mask.dtype == torch.bool:
-            mask = attn_mask
-        else:
-            check_floating("attn_mask", attn_mask, like=query, like_name="query (or use a bool mask)")
-            scores = scores + attn_mask
-            mask = scores != float("-inf")  # keys blocked by -inf; all of a row blocked -> zero output
-
-    weights = masked_softmax(scores, mask)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+        mask = scores != float("-inf")  # keys blocked by -inf; all of a row blocked -> zero output
+    weights = torch.softmax(scores, dim=-1) if mask is None else _masked_softmax(scores, mask)
     attended = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    output = attended @ value  # (..., Tq, dv)
-    return (output, weights) if return_weights else output
+    return attended @ value, weights  # (..., Tq, dv), (..., Tq, Tk)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -729,9 +738,9 @@ class MultiHeadAttention(nn.Module):
         mask = self._merge_masks(key_padding_mask, attn_mask, is_causal, B, Tq, Tk, n_cached, query)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)     # (B, nh, Tk, hs): query head i uses kv head i // n_rep
-        out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                    dropout_p=self.dropout if self.training else 0.0,
-                                                    return_weights=True)  # (B, nh, Tq, hs), (B, nh, Tq, Tk)
+        # scaled_dot_product_attention's arithmetic, without checking again what _check_inputs and _merge_masks did
+        out, weights = _attend(q, k, v, mask, self.dropout if self.training else 0.0,
+                               None)  # (B, nh, Tq, hs), (B, nh, Tq, Tk)
         out = self.W_o(merge_heads(out))                     # (B, Tq, d_model)
         if not need_weights:
             return out, None

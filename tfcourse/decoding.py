@@ -323,10 +323,13 @@ def _check_logits(logits: object) -> None:
         raise ValueError(f"logits must have a non-empty vocabulary dimension (..., V), got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise DtypeError(f"logits must be floating, got {logits.dtype}")
+    # One reduction in the common case (this runs at every step of generation): a row's maximum is NaN if the row
+    # holds a NaN, +inf if it holds +inf, and -inf only if the row is -inf everywhere.
+    if bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        return
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
         raise ValueError("logits must not hold NaN or +inf")
-    if torch.isneginf(logits).all(dim=-1).any():
-        raise ValueError("logits: a row is -inf everywhere, so no token can be drawn")
+    raise ValueError("logits: a row is -inf everywhere, so no token can be drawn")
 
 
 def _check_temperature(temperature: object, allow_zero: bool) -> None:
@@ -434,6 +437,15 @@ def top_p_filter(logits: torch.Tensor, p: float, fill_value: float = -math.inf) 
     return logits.masked_fill(remove, fill_value)
 
 
+def _check_sampling(logits: object, temperature: object, top_k: object, top_p: object) -> None:
+    _check_logits(logits)
+    _check_temperature(temperature, allow_zero=True)
+    if top_k is not None:
+        _check_int("top_k", top_k)
+    if top_p is not None:
+        _check_top_p(top_p)
+
+
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None) -> torch.Tensor:
     """The distribution a sampler draws the next token from: temperature first, then top-k, then top-p (the order
@@ -453,12 +465,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     Raises:
         TypeError / ValueError: as :func:`apply_temperature`, :func:`top_k_filter` and :func:`top_p_filter`.
     """
-    _check_logits(logits)
-    _check_temperature(temperature, allow_zero=True)
-    if top_k is not None:
-        _check_int("top_k", top_k)
-    if top_p is not None:
-        _check_top_p(top_p)
+    _check_sampling(logits, temperature, top_k, top_p)
     compute = torch.promote_types(logits.dtype, torch.float32)
     if temperature == 0:
         return torch.zeros_like(logits, dtype=compute).scatter(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
@@ -487,9 +494,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 
     Sources: Holtzman et al. (2020) (top-p); Fan et al. (2018) (top-k).
     """
-    probs = next_token_probs(logits, temperature, top_k, top_p)  # (..., V)
-    if temperature == 0:
+    if temperature == 0:  # all of next_token_probs' mass on the argmax: take it without building the one-hot
+        _check_sampling(logits, temperature, top_k, top_p)
         return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)  # (..., V)
     flat = probs.reshape(-1, probs.shape[-1])                    # (N, V)
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 

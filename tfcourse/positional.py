@@ -195,10 +195,11 @@ class LearnedPositionalEmbedding(nn.Module):
             _check_positions("positions", positions, "(T,) or (B, T)")
             if positions.is_floating_point():
                 raise DtypeError(f"positions must be integers for a lookup table, got {positions.dtype}")
-            if positions.numel() and (positions.min() < 0 or positions.max() >= self.max_len):
+            lo, hi = (int(v) for v in torch.aminmax(positions)) if positions.numel() else (0, 0)
+            if lo < 0 or hi >= self.max_len:
                 raise ValueError(
-                    f"positions must lie in [0, max_len={self.max_len}), got values from {int(positions.min())} to "
-                    f"{int(positions.max())}: a learned table has no vector for an unseen position"
+                    f"positions must lie in [0, max_len={self.max_len}), got values from {lo} to {hi}: a learned "
+                    f"table has no vector for an unseen position"
                 )
             return self.weight[positions]
         _check_int("positions", positions, minimum=0)

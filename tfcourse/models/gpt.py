@@ -356,8 +356,8 @@ class GPT(nn.Module):
         if offset + T > self.config.block_size:
             raise ValueError(f"idx: {offset} cached + {T} new tokens exceed block_size={self.config.block_size} "
                              f"(the model has no position embedding beyond it)")
-        positions = torch.arange(offset, offset + T, device=idx.device)     # (T,)
-        x = self.drop(self.wpe(self.wte(idx), positions))                    # (B, T, C)
+        pos_emb = self.wpe.encoding(offset + T)[offset:]                     # (T, C): positions offset .. offset+T-1
+        x = self.drop(self.wte(idx) + pos_emb)                               # (B, T, C)
         mask = None
         if prefix_lengths is not None:
             if isinstance(prefix_lengths, torch.Tensor) and prefix_lengths.shape not in ((B,), (1,)):
@@ -377,9 +377,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if B == 0 or T == 0:
             raise ValueError(f"idx must hold at least one token per sequence and one sequence, got {tuple(idx.shape)}")
-        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+        lo, hi = (int(v) for v in torch.aminmax(idx))  # one pass, no tensor comparisons (this runs every step)
+        if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"idx: token ids must lie in [0, vocab_size={self.config.vocab_size}), got values from "
-                             f"{int(idx.min())} to {int(idx.max())}")
+                             f"{lo} to {hi}")
         return B, T
 
     def _check_caches(self, kv_caches: object) -> int:

@@ -44,6 +44,16 @@ LOOP = "while True:\n    pass"
 LOOP_TIMEOUT_S = 15  # per-cell timeout of the looping student's grading run (the course's is 60 s); importing torch
 # on two loaded cores can take 5 s, so a shorter one fails a well-behaved cell too
 
+# The grading kernels talk to nbgrader over Unix sockets named after the course directory, not over TCP ports. The
+# `graded` fixture runs two graders at once (each course directory copies this config, so each gets its own
+# sockets); over TCP, jupyter_client picks each kernel's five ports by binding and releasing them, and a kernel
+# starting at the same moment can take one of them first, so that the first kernel never answers ("didn't respond
+# in 120 seconds"), a failure seen once in a full run.
+KERNELS_OVER_IPC = """
+c.KernelManager.transport = "ipc"
+c.KernelManager.ip = str(Path(__file__).resolve().parent / "kernel-ipc")
+"""
+
 REGIONS = {  # nbgrader's delimiters of what students must never see
     "solution": ("BEGIN SOLUTION", "END SOLUTION"),
     "hidden tests": ("BEGIN HIDDEN TESTS", "END HIDDEN TESTS"),
@@ -202,6 +212,8 @@ def make_course(root: Path, assignment: str) -> Path:
     course = root / "course"
     course.mkdir()
     shutil.copy(REPO / "nbgrader_config.py", course)
+    with (course / "nbgrader_config.py").open("a") as config:
+        config.write(KERNELS_OVER_IPC)
     shutil.copytree(SOLUTIONS / assignment, course / "solutions" / assignment)
     proc = run_nbgrader(course, "generate_assignment", assignment)
     assert proc.returncode == 0, f"nbgrader generate_assignment {assignment} failed:\n{proc.log[-6000:]}"

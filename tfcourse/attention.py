@@ -407,9 +407,10 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     :class:`MultiHeadAttention`, which checks its own inputs once): ``mask`` is ``None``, bool (``True`` = may
     attend) or float (added). Returns ``(output, weights)``."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query @ key.transpose(-2, -1)) * scale  # (..., Tq, Tk)
+    # In place on the fresh product (its backward needs only query and key): one pass over the scores, no copy
+    scores = (query @ key.transpose(-2, -1)).mul_(scale)  # (..., Tq, Tk)
     if mask is not None and mask.dtype != torch.bool:
-        scores = scores + mask
+        scores = scores.add_(mask)
         mask = scores != float("-inf")  # keys blocked by -inf; all of a row blocked -> zero output
     weights = torch.softmax(scores, dim=-1) if mask is None else _masked_softmax(scores, mask)
     attended = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
@@ -433,6 +434,11 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     _check_sizes(n_heads=n_heads)
     if x.shape[-1] % n_heads:
         raise ValueError(f"x: the feature size {x.shape[-1]} is not a multiple of n_heads={n_heads}")
+    return _split_heads(x, n_heads)
+
+
+def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """:func:`split_heads` of checked arguments (a generation step calls it three times per layer)."""
     return x.unflatten(-1, (n_heads, x.shape[-1] // n_heads)).transpose(1, 2)  # (B, nh, T, hs)
 
 
@@ -444,6 +450,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
         ValueError: if ``x`` is not 4-D.
     """
     check_tensor("x", x, ndim=4, shape_hint="(B, n_heads, T, d_head)")
+    return _merge_heads(x)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """:func:`merge_heads` of a checked argument."""
     return x.transpose(1, 2).flatten(2)  # (B, T, nh * hs)
 
 
@@ -551,6 +562,11 @@ class KVCache:
         check_tensor("value", value, ndim=4, shape_hint="(B, n_kv_heads, T_new, d_head)")
         check_floating("value", value, like=key, like_name="key")
         check_same("value", value.shape[:-1], key.shape[:-1], "the shape but for the last dimension (key's)")
+        return self._update(key, value)
+
+    def _update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` of keys and values already checked against each other (by :class:`MultiHeadAttention`,
+        which made them); they are still checked against what the cache holds."""
         t_new = key.shape[-2]
         if self._key is None:
             self._key, self._value = key.contiguous(), value.contiguous()
@@ -725,23 +741,25 @@ class MultiHeadAttention(nn.Module):
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_inputs(query, key, value)
         B, Tq, _ = query.shape
-        q = split_heads(self.W_q(query), self.n_heads)      # (B, nh, Tq, hs)
-        k = split_heads(self.W_k(key), self.n_kv_heads)     # (B, n_kv, Tk, hs)
-        v = split_heads(self.W_v(value), self.n_kv_heads)   # (B, n_kv, Tk, hs)
+        # The unchecked helpers (_split_heads: split_heads without its checks): _check_inputs checked the inputs
+        q = _split_heads(self.W_q(query), self.n_heads)      # (B, nh, Tq, hs)
+        k = _split_heads(self.W_k(key), self.n_kv_heads)     # (B, n_kv, Tk, hs)
+        v = _split_heads(self.W_v(value), self.n_kv_heads)   # (B, n_kv, Tk, hs)
         n_cached = 0
         if kv_cache is not None:
             if not isinstance(kv_cache, KVCache):
                 raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
             n_cached = len(kv_cache)
-            k, v = kv_cache.update(k, v)                     # (B, n_kv, T_cached + Tk, hs)
+            k, v = kv_cache._update(k, v)                    # (B, n_kv, T_cached + Tk, hs)
         Tk = k.shape[-2]
         mask = self._merge_masks(key_padding_mask, attn_mask, is_causal, B, Tq, Tk, n_cached, query)
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)     # (B, nh, Tk, hs): query head i uses kv head i // n_rep
+        if n_rep > 1:                                        # grouped-query: query head i uses kv head i // n_rep
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, Tk, hs)
         # scaled_dot_product_attention's arithmetic, without checking again what _check_inputs and _merge_masks did
         out, weights = _attend(q, k, v, mask, self.dropout if self.training else 0.0,
                                None)  # (B, nh, Tq, hs), (B, nh, Tq, Tk)
-        out = self.W_o(merge_heads(out))                     # (B, Tq, d_model)
+        out = self.W_o(_merge_heads(out))                    # (B, Tq, d_model)
         if not need_weights:
             return out, None
         return out, (weights.mean(dim=1) if average_attn_weights else weights)

@@ -269,8 +269,13 @@ class Block(nn.Module):
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         h = self.ln_1(x)
         a, _ = self.attn(h, h, h, attn_mask=attn_mask, is_causal=attn_mask is None, kv_cache=kv_cache)
-        x = x + self.dropout(a)                           # (B, T, C)
-        return x + self.dropout(self.mlp(self.ln_2(x)))   # (B, T, C)
+        x = x + self._dropout(a)                          # (B, T, C)
+        return x + self._dropout(self.mlp(self.ln_2(x)))  # (B, T, C)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # self.dropout, not called where it would return x unchanged (eval mode, or p = 0): a generation step
+        # would otherwise pay two module calls per block for nothing
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,7 +362,9 @@ class GPT(nn.Module):
             raise ValueError(f"idx: {offset} cached + {T} new tokens exceed block_size={self.config.block_size} "
                              f"(the model has no position embedding beyond it)")
         pos_emb = self.wpe.encoding(offset + T)[offset:]                     # (T, C): positions offset .. offset+T-1
-        x = self.drop(self.wte(idx) + pos_emb)                               # (B, T, C)
+        x = self.wte(idx) + pos_emb                                          # (B, T, C)
+        if self.training and self.drop.p > 0:                                # (a no-op otherwise: not called)
+            x = self.drop(x)
         mask = None
         if prefix_lengths is not None:
             if isinstance(prefix_lengths, torch.Tensor) and prefix_lengths.shape not in ((B,), (1,)):
